@@ -1,0 +1,1 @@
+"""Inference engines behind one interface, plus where their weights come from."""

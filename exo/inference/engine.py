@@ -1,0 +1,76 @@
+"""The engine interface every backend implements (upstream Exo gen-1 compatible).
+
+Arrays cross this boundary as numpy: token ids `(1, T)` int on a first shard, hidden
+states `(1, T, D)` on any other, logits `(1, T, V)` out of a last shard (every position, so
+a speculative verify can read all of them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import numpy as np
+
+from exo.inference.sampling import sample_last
+from exo.inference.shard import Shard
+
+__all__ = ["InferenceEngine", "Shard", "Tokenizer"]
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class InferenceEngine(ABC):
+    """One engine instance holds one model shard; KV caches live per request id."""
+
+    shard: Shard | None = None
+    tokenizer: Any = None
+
+    async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+        await self.ensure_shard(shard)
+        return np.asarray(self.tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int64)
+
+    async def decode(self, shard: Shard, tokens: np.ndarray | list[int]) -> str:
+        await self.ensure_shard(shard)
+        return self.tokenizer.decode([int(t) for t in np.asarray(tokens).reshape(-1)])
+
+    async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+        """Sample one token from the last position of logits `x` (..., V)."""
+        return np.asarray([sample_last(x, temp, top_p=top_p, rng=rng)], dtype=np.int64)
+
+    @abstractmethod
+    async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """Run `input_data` through the shard at the request's current cache offset."""
+
+    async def infer_prompt(self, request_id: str, shard: Shard, prompt: str,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        tokens = await self.encode(shard, prompt)
+        return await self.infer_tensor(request_id, shard, tokens.reshape(1, -1), inference_state)
+
+    @abstractmethod
+    async def ensure_shard(self, shard: Shard) -> None:
+        """Load `shard` (fetching weights if needed) unless it is already loaded."""
+
+    @abstractmethod
+    async def load_checkpoint(self, shard: Shard, path: str) -> None:
+        """Replace the loaded weights with those in `path`."""
+
+    @abstractmethod
+    def cache_offset(self, request_id: str) -> int:
+        """Tokens held in the request's KV cache (0 if it has none)."""
+
+    @abstractmethod
+    def trim_cache(self, request_id: str, n_tokens: int) -> None:
+        """Drop the last `n_tokens` from the request's KV cache exactly, or raise."""
+
+    @abstractmethod
+    def free_cache(self, request_id: str) -> None:
+        """Forget the request's KV cache."""

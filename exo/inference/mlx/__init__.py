@@ -1,0 +1,1 @@
+"""Sharded MLX engine built on mlx-lm's model classes."""

@@ -1,0 +1,84 @@
+"""Any layer range of a llama/qwen2-family model, built from mlx-lm's blocks.
+
+Only the first shard owns the embedding and only the last owns the final norm and head, so
+a shard's memory is proportional to its layers. The causal mask for a multi-token input is
+built from the offset of *this shard's* first cache, so a multi-token verify works on a
+shard that does not start at layer 0 (upstream Exo read a cache that never advanced).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama, qwen2
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache
+
+from exo.inference.shard import Shard
+
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "mistral": llama}
+
+
+def architecture_for(config: dict[str, Any]) -> ModuleType:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; the MLX engine runs {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+class ShardedModel(nn.Module):
+    def __init__(self, config: dict[str, Any], shard: Shard):
+        super().__init__()
+        arch = architecture_for(config)
+        self.args = args = arch.ModelArgs.from_dict(config)
+        if args.num_hidden_layers != shard.n_layers:
+            raise ValueError(f"{shard} does not match the model's {args.num_hidden_layers} layers")
+        self.shard = shard
+        self.tied = bool(getattr(args, "tie_word_embeddings", False))
+        if shard.is_first_layer() or (shard.is_last_layer() and self.tied):
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [arch.TransformerBlock(args) for _ in range(shard.get_layer_count())]
+        if shard.is_last_layer():
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            if not self.tied:
+                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
+        """Token ids (B, T) on a first shard, hidden states (B, T, D) elsewhere."""
+        h = self.embed_tokens(x) if self.shard.is_first_layer() else x
+        length = h.shape[1]
+        mask = create_causal_mask(length, offset=cache[0].offset) if length > 1 else None
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        if not self.shard.is_last_layer():
+            return h
+        h = self.norm(h)
+        return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def select_weights(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Rename a full checkpoint's Hugging Face keys to this shard's, dropping the rest."""
+        start, end = self.shard.start_layer, self.shard.end_layer
+        selected: dict[str, mx.array] = {}
+        for key, value in weights.items():
+            if "rotary_emb.inv_freq" in key:
+                continue
+            name = key.removeprefix("model.")
+            if name.startswith("layers."):
+                index, rest = name[len("layers."):].split(".", 1)
+                if start <= int(index) <= end:
+                    selected[f"layers.{int(index) - start}.{rest}"] = value
+            elif name.startswith("embed_tokens.") and hasattr(self, "embed_tokens"):
+                selected[name] = value
+            elif name.startswith("norm.") and self.shard.is_last_layer():
+                selected[name] = value
+            elif name.startswith("lm_head.") and self.shard.is_last_layer() and not self.tied:
+                selected[name] = value
+        return selected
