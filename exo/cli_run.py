@@ -26,7 +26,8 @@ async def run_command(args: argparse.Namespace) -> int:
         return 2
     engine = MLXInferenceEngine()
     try:
-        shard = await full_shard(engine, args.model)
+        shard = await engine.full_shard(args.model)
+        await engine.ensure_shard(shard)
     except (UnknownModelError, ModelSourceError, FileNotFoundError, ValueError) as exc:
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
@@ -51,16 +52,3 @@ async def run_command(args: argparse.Namespace) -> int:
           f"{count} tokens, {rate:.2f} tokens/s decode]", file=sys.stderr)
     engine.close()
     return 0
-
-
-async def full_shard(engine: MLXInferenceEngine, model: str) -> Shard:
-    """Load the whole of `model` (card id, model dir or .gguf) into `engine`."""
-    import json
-
-    import anyio
-
-    model_dir = await anyio.to_thread.run_sync(engine._model_dir_for, model)
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    shard = Shard.full(model, layers)
-    await engine.ensure_shard(shard)
-    return shard

@@ -23,3 +23,24 @@ def smollm2_dir() -> Path:
     from exo.inference.sources import model_dir_for
 
     return model_dir_for("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_other(tmp_path_factory) -> Path:
+    """Same architecture and tokenizer as tiny_llama, different random weights: a bad draft."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-other"), "llama", layers=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
+    """SmolLM2's first 8 layers plus its head: a real, weaker draft with the same tokenizer."""
+    import json
+
+    out = tmp_path_factory.mktemp("smollm2-8l")
+    for item in smollm2_dir.iterdir():
+        if item.name != "config.json":
+            (out / item.name).symlink_to(item)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config["num_hidden_layers"] = 8
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -7,15 +7,26 @@ a speculative verify can read all of them).
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
+import anyio
 import numpy as np
 
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
-__all__ = ["InferenceEngine", "Shard", "Tokenizer"]
+__all__ = ["InferenceEngine", "Shard", "Tokenizer", "LAST_POSITIONS", "last_only"]
+
+# `inference_state` key: the last shard returns logits for only this many final positions
+# (a prefill needs one row; a K-token verify needs K+1). Absent = every position.
+LAST_POSITIONS = "last_positions"
+
+
+def last_only(n: int = 1) -> dict:
+    return {LAST_POSITIONS: n}
 
 
 class Tokenizer(Protocol):
@@ -31,6 +42,13 @@ class InferenceEngine(ABC):
 
     shard: Shard | None = None
     tokenizer: Any = None
+    model_dir_for: Callable[[str], Path]  # model id -> local HF-layout directory (fetching it)
+
+    async def full_shard(self, model_id: str) -> Shard:
+        """The whole-model shard of `model_id` (fetched if needed; layer count from its config)."""
+        model_dir = await anyio.to_thread.run_sync(self.model_dir_for, model_id)
+        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        return Shard.full(model_id, layers)
 
     async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
         await self.ensure_shard(shard)

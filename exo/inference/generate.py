@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import msgspec
 import numpy as np
 
-from exo.inference.engine import InferenceEngine
+from exo.inference.engine import InferenceEngine, last_only
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
@@ -38,7 +38,7 @@ async def generate_plain(engine: InferenceEngine, shard: Shard, prompt_ids: list
     request_id = request_id or uuid.uuid4().hex
     rng = np.random.default_rng(params.seed)
     try:
-        logits, _ = await engine.infer_tensor(request_id, shard, np.asarray([prompt_ids]))
+        logits, _ = await engine.infer_tensor(request_id, shard, np.asarray([prompt_ids]), last_only())
         for produced in range(params.max_tokens):
             token = sample_last(logits, params.temperature, params.top_k, params.top_p, rng)
             yield [token]

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from exo.inference.engine import InferenceEngine
+from exo.inference.engine import LAST_POSITIONS, InferenceEngine
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
@@ -41,7 +41,7 @@ class MLXInferenceEngine(InferenceEngine):
         if model_dir_for is None:
             from exo.inference.sources import model_dir_for as default_resolver
             model_dir_for = default_resolver
-        self._model_dir_for = model_dir_for
+        self.model_dir_for = model_dir_for
         self._dtype = getattr(mx, dtype) if dtype else None
         self._max_caches = max_caches
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-mlx")
@@ -62,7 +62,7 @@ class MLXInferenceEngine(InferenceEngine):
         async with self._load_lock:
             if self.shard == shard:
                 return
-            model_dir = await anyio.to_thread.run_sync(self._model_dir_for, shard.model_id)
+            model_dir = await anyio.to_thread.run_sync(self.model_dir_for, shard.model_id)
             await self._run(self._load, shard, model_dir)
 
     async def load_checkpoint(self, shard: Shard, path: str) -> None:
@@ -96,9 +96,10 @@ class MLXInferenceEngine(InferenceEngine):
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
         await self.ensure_shard(shard)
-        return await self._run(self._forward, request_id, np.asarray(input_data)), inference_state
+        last = (inference_state or {}).get(LAST_POSITIONS)
+        return await self._run(self._forward, request_id, np.asarray(input_data), last), inference_state
 
-    def _forward(self, request_id: str, input_data: np.ndarray) -> np.ndarray:
+    def _forward(self, request_id: str, input_data: np.ndarray, last_positions: int | None) -> np.ndarray:
         assert self.model is not None
         if self.shard.is_first_layer():
             if input_data.ndim != 2:
@@ -108,7 +109,7 @@ class MLXInferenceEngine(InferenceEngine):
             if input_data.ndim != 3:
                 raise ValueError(f"shard expects hidden states (1, T, D), got shape {input_data.shape}")
             x = mx.array(input_data, dtype=self._dtype or mx.float32)
-        out = self.model(x, self._cache(request_id))
+        out = self.model(x, self._cache(request_id), last_positions)
         mx.eval(out)
         return np.array(out.astype(mx.float32), copy=False)
 

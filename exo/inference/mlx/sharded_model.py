@@ -48,8 +48,13 @@ class ShardedModel(nn.Module):
             if not self.tied:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
-        """Token ids (B, T) on a first shard, hidden states (B, T, D) elsewhere."""
+    def __call__(self, x: mx.array, cache: list[KVCache], last_positions: int | None = None) -> mx.array:
+        """Token ids (B, T) on a first shard, hidden states (B, T, D) elsewhere.
+
+        On the last shard, `last_positions` limits the head to the final positions: a
+        prefill needs one row of logits, and the head over a long prompt is the costliest
+        matmul of the pass.
+        """
         h = self.embed_tokens(x) if self.shard.is_first_layer() else x
         length = h.shape[1]
         mask = create_causal_mask(length, offset=cache[0].offset) if length > 1 else None
@@ -57,6 +62,8 @@ class ShardedModel(nn.Module):
             h = layer(h, mask, layer_cache)
         if not self.shard.is_last_layer():
             return h
+        if last_positions is not None:
+            h = h[:, -last_positions:]
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
 

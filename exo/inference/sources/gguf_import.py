@@ -14,7 +14,7 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -22,9 +22,15 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_DTYPES: dict[str, tuple[str, Any]] = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+# output dtype -> (safetensors code, numpy storage type); bf16 is stored as raw uint16
+_DTYPES: dict[str, tuple[str, Any]] = {
+    "float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16),
+}
 _QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
@@ -53,7 +59,8 @@ def _open_reader(path: Path) -> Any:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # reader raises ValueError/KeyError/IndexError on damaged headers
-        raise GGUFImportError(f"{path}: corrupt or truncated GGUF header: {type(e).__name__}: {e}") from e
+        size = path.stat().st_size
+        raise GGUFImportError(f"{path}: cannot parse GGUF, file is truncated or corrupt ({size} bytes): {type(e).__name__}: {e}") from e
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -150,7 +157,7 @@ def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=_DTYPES[dtype][1])
 
 
-def _dequantized_chunks(t: Any, path: Path, permute_heads: int | None) -> Any:
+def _dequantized_chunks(t: Any, path: Path, permute_heads: int | None) -> Iterator[np.ndarray]:
     """Yield the tensor as float32 row blocks (whole tensor when rows must be un-permuted)."""
     import gguf
 
@@ -182,7 +189,7 @@ def _write_safetensors(f: BinaryIO, entries: list[tuple[str, tuple[int, ...]]], 
     f.write(struct.pack("<Q", len(blob)) + blob)
 
 
-def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
+def _build_tokenizer(reader: Any, path: Path, max_len: int) -> tuple[Any, dict[str, Any]]:
     """Rebuild a byte-level BPE tokenizer (and tokenizer_config entries) from GGUF metadata."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -195,7 +202,10 @@ def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         logger.warning("%s: %d duplicate vocabulary strings; later ids win", path, len(tokens) - len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # e.g. a merge that references a token missing from the vocabulary
+        raise GGUFImportError(f"{path}: inconsistent BPE vocabulary/merges: {e}") from e
     pre = _meta(reader, path, "tokenizer.ggml.pre", "default")
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
@@ -219,7 +229,8 @@ def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos = name("bos"), name("eos")
-    add_bos, add_eos = bool(_meta(reader, path, "tokenizer.ggml.add_bos_token", False)), bool(_meta(reader, path, "tokenizer.ggml.add_eos_token", False))
+    add_bos = bool(_meta(reader, path, "tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(_meta(reader, path, "tokenizer.ggml.add_eos_token", False))
     post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
     head, tail = [bos] if add_bos and bos else [], [eos] if add_eos and eos else []
     if head or tail:  # llama.cpp adds BOS/EOS itself; HF expects the tokenizer's post-processor to do it
@@ -228,15 +239,13 @@ def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
         specials = [(t, vocab[t]) for t in dict.fromkeys(head + tail)]
         post.append(processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials))
     tok.post_processor = processors.Sequence(post)
-    tok_cfg = {
+    tok_cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": name("padding"),
         "unk_token": name("unknown"), "add_bos_token": add_bos, "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False, "model_max_length": 0,
+        "clean_up_tokenization_spaces": False, "model_max_length": max_len,
+        "chat_template": _meta(reader, path, "tokenizer.chat_template", None),
     }
-    template = _meta(reader, path, "tokenizer.chat_template", None)
-    if template is not None:
-        tok_cfg["chat_template"] = template
-    return tok, tok_cfg
+    return tok, {k: v for k, v in tok_cfg.items() if v is not None}
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32", progress: bool = True) -> None:
@@ -247,8 +256,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "float32", prog
     reader = _open_reader(gguf_path)
     by_name = {t.name: t for t in reader.tensors}
     cfg = _build_config(reader, gguf_path, by_name, dtype)
-    tokenizer, tok_cfg = _build_tokenizer(reader, gguf_path)
-    tok_cfg["model_max_length"] = cfg["max_position_embeddings"]
+    tokenizer, tok_cfg = _build_tokenizer(reader, gguf_path, cfg["max_position_embeddings"])
 
     plan: list[tuple[Any, str, tuple[int, ...], int | None]] = []
     for t in reader.tensors:

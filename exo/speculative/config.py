@@ -1,0 +1,83 @@
+"""Speculative decoding settings, the draft-pair table and its validation."""
+
+from __future__ import annotations
+
+import msgspec
+
+AUTO = "auto"
+
+# Target -> draft. Every pair shares one tokenizer (same ids; small Qwen models pad the
+# vocabulary to 151936, large ones to 152064, which is fine).
+DRAFT_PAIRS: dict[str, str] = {
+    "llama-3.1-70b": "llama-3.2-3b",
+    "llama-3.3-70b": "llama-3.2-3b",
+    "llama-3.1-8b": "llama-3.2-1b",
+    "llama-3.2-3b": "llama-3.2-1b",
+    "qwen-2.5-72b": "qwen-2.5-7b",
+    "qwen-2.5-32b": "qwen-2.5-1.5b",
+    "qwen-2.5-14b": "qwen-2.5-0.5b",
+    "qwen-2.5-7b": "qwen-2.5-0.5b",
+    "qwen2.5-coder-7b": "qwen2.5-coder-0.5b",
+    "qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b",
+}
+
+# Pairs users ask for that cannot work, with the reason.
+REFUSED_PAIRS: dict[tuple[str, str], str] = {
+    ("deepseek-v3", "deepseek-r1-distill-qwen-7b"): (
+        "deepseek-r1-distill-qwen-7b uses the Qwen2.5 tokenizer while deepseek-v3 has its own "
+        "129k-token vocabulary: the same id means different text, so draft tokens cannot be verified"
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A speculative setting is invalid; the message names the field and the allowed values."""
+
+
+class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    draft_tokens: int = 4
+    draft_model: str = AUTO
+    # Draft-confidence cut-off: stop drafting a block once the draft's top probability
+    # falls below it. It only shortens blocks; acceptance stays exact rejection sampling.
+    acceptance_threshold: float = 0.8
+    max_speculation_depth: int = 8
+    adaptive_speculation: bool = True
+    pipelined: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_speculation_depth <= 64:
+            raise ConfigError(f"max_speculation_depth must be in 1..64, got {self.max_speculation_depth}")
+        if not 0 <= self.draft_tokens <= self.max_speculation_depth:
+            raise ConfigError(
+                f"draft_tokens must be in 0..max_speculation_depth ({self.max_speculation_depth}), "
+                f"got {self.draft_tokens}"
+            )
+        if not 0.0 <= self.acceptance_threshold < 1.0:
+            raise ConfigError(f"acceptance_threshold must be in [0, 1), got {self.acceptance_threshold}")
+        if not self.draft_model:
+            raise ConfigError("draft_model must be a model id or 'auto'")
+
+    def merged(self, overrides: dict) -> "SpeculativeConfig":
+        """This config with the fields in `overrides` replaced (validated, unknown fields refused)."""
+        unknown = set(overrides) - set(self.__struct_fields__)
+        if unknown:
+            raise ConfigError(f"unknown speculative field(s): {', '.join(sorted(unknown))}")
+        return msgspec.structs.replace(self, **overrides)
+
+
+def choose_draft(target: str, requested: str = AUTO) -> str:
+    """The draft model for `target`: the requested one if allowed, else the table's."""
+    if requested != AUTO:
+        reason = REFUSED_PAIRS.get((target, requested))
+        if reason:
+            raise ConfigError(f"{requested} cannot draft for {target}: {reason}")
+        return requested
+    if target in DRAFT_PAIRS:
+        return DRAFT_PAIRS[target]
+    refused = [reason for (t, _), reason in REFUSED_PAIRS.items() if t == target]
+    detail = f" ({refused[0]})" if refused else ""
+    raise ConfigError(
+        f"no draft model known for {target}{detail}; pass draft_model explicitly "
+        f"(targets with a default draft: {', '.join(sorted(DRAFT_PAIRS))})"
+    )

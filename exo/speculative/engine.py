@@ -1,0 +1,145 @@
+"""SpeculativeInferenceEngine: a target engine plus a draft engine behind one interface.
+
+It is an `InferenceEngine` (calls that process tensors go to the target) with a
+`generate` that emits several tokens per step, and `get_metrics()`. The draft is optional
+at every moment: if it cannot be loaded or fails mid-request, decoding continues plainly
+from the same state and loading is retried later with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+import numpy as np
+
+from exo.inference.engine import InferenceEngine
+from exo.inference.generate import GenerationParams
+from exo.inference.shard import Shard
+from exo.speculative.adaptive import AdaptiveK
+from exo.speculative.compat import check_tokenizers
+from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
+from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
+from exo.speculative.pipeline.sequential import SpeculativeRequest, run_sequential
+from exo.speculative.proposer import DraftProposer
+from exo.speculative.verifier import TargetVerifier
+
+log = logging.getLogger("exo.speculative")
+RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
+
+
+class SpeculativeInferenceEngine(InferenceEngine):
+    def __init__(self, target: InferenceEngine, draft: InferenceEngine, config: SpeculativeConfig):
+        self.target, self.draft, self.config = target, draft, config
+        self.metrics = SpeculativeMetrics()
+        self.last_request: SpeculativeRequest | None = None
+        self._draft_shard: Shard | None = None
+        self._draft_for: str | None = None
+        self._retry_at = 0.0
+        self._backoff = RETRY_BACKOFF_S[0]
+        self._plain_step_time: float | None = None
+        self.draft_load_failures = 0
+
+    # -- the engine interface: tensors go to the target ------------------------------
+    @property
+    def shard(self) -> Shard | None:  # type: ignore[override]
+        return self.target.shard
+
+    @property
+    def tokenizer(self):  # type: ignore[override]
+        return self.target.tokenizer
+
+    @property
+    def model_dir_for(self):  # type: ignore[override]
+        return self.target.model_dir_for
+
+    async def ensure_shard(self, shard: Shard) -> None:
+        await self.target.ensure_shard(shard)
+        if self.config.enabled:
+            await self.ensure_draft(shard.model_id, self.config.draft_model)
+
+    async def load_checkpoint(self, shard: Shard, path: str) -> None:
+        await self.target.load_checkpoint(shard, path)
+
+    async def infer_tensor(self, request_id, shard, input_data, inference_state=None):
+        return await self.target.infer_tensor(request_id, shard, input_data, inference_state)
+
+    def cache_offset(self, request_id: str) -> int:
+        return self.target.cache_offset(request_id)
+
+    def trim_cache(self, request_id: str, n_tokens: int) -> None:
+        self.target.trim_cache(request_id, n_tokens)
+
+    def free_cache(self, request_id: str) -> None:
+        self.target.free_cache(request_id)
+        self.draft.free_cache(request_id)
+
+    # -- the draft ----------------------------------------------------------------------
+    async def ensure_draft(self, target_model: str, requested: str) -> Shard | None:
+        """Load the draft for `target_model`; None (and a retry later) if it cannot be used.
+
+        An invalid pairing (unknown pair, different tokenizers) raises ConfigError: that is
+        the user's request being wrong, not a transient failure.
+        """
+        draft_id = choose_draft(target_model, requested)
+        if self._draft_shard is not None and self._draft_for == draft_id:
+            return self._draft_shard
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            shard = await self.draft.full_shard(draft_id)
+            await self.draft.ensure_shard(shard)
+        except Exception as exc:  # noqa: BLE001 - any load failure means "serve without a draft"
+            self.draft_load_failures += 1
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("could not load draft model %s (%s); decoding without it, retry in %.0f s",
+                        draft_id, exc, self._backoff)
+            self._backoff = min(self._backoff * 2, RETRY_BACKOFF_S[1])
+            return None
+        check_tokenizers(self.target.tokenizer, self.draft.tokenizer, target_model, draft_id)
+        self._draft_shard, self._draft_for = shard, draft_id
+        self._backoff = RETRY_BACKOFF_S[0]
+        return shard
+
+    # -- generation ---------------------------------------------------------------------
+    async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
+                       config: SpeculativeConfig | None = None, request_id: str | None = None,
+                       eos_ids: frozenset[int] | None = None) -> AsyncIterator[list[int]]:
+        """Yield emitted tokens block by block; `config` overrides the engine's for this request."""
+        config = config or self.config
+        request_id = request_id or uuid.uuid4().hex
+        await self.target.ensure_shard(shard)
+        draft_shard = await self.ensure_draft(shard.model_id, config.draft_model) if config.enabled else None
+        proposer = DraftProposer(self.draft, draft_shard) if draft_shard is not None else None
+        request = SpeculativeRequest(
+            request_id, list(prompt), params,
+            self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
+            config.acceptance_threshold,
+            AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation),
+        )
+        if config.enabled and proposer is None:
+            request.metrics.draft_failures += 1
+        self.last_request = request
+        try:
+            async for tokens in run_sequential(request, TargetVerifier(self.target, shard), proposer):
+                yield tokens
+        finally:
+            self.free_cache(request_id)
+            self.metrics.merge(request.metrics)
+            if request.controller.plain_step_time():
+                self._plain_step_time = request.controller.plain_step_time()
+
+    def get_metrics(self) -> dict:
+        """Totals over every finished request (plus `last_request` for the latest one)."""
+        import msgspec
+
+        totals = msgspec.to_builtins(self.metrics.snapshot(self._plain_step_time))
+        totals["draft_load_failures"] = self.draft_load_failures
+        if self.last_request is not None:
+            totals["last_request"] = msgspec.to_builtins(self.request_metrics(self.last_request))
+        return totals
+
+    def request_metrics(self, request: SpeculativeRequest) -> MetricsSnapshot:
+        return request.metrics.snapshot(request.controller.plain_step_time() or self._plain_step_time)

@@ -1,0 +1,78 @@
+"""Counters and timings of speculative decoding, per request and per engine."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class MetricsSnapshot(msgspec.Struct, frozen=True):
+    """What `get_metrics()` returns and metric events carry."""
+
+    steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+    emitted_tokens: int
+    acceptance_rate: float  # accepted / drafted
+    mean_accepted_length: float  # emitted tokens per verification (bonus included)
+    per_position_acceptance: list[float]  # P(accept position i | positions < i accepted)
+    draft_time: float  # seconds spent drafting
+    verification_time: float  # seconds spent in target forwards
+    tokens_per_second: float
+    estimated_speedup: float  # tokens/s over the estimated plain-decoding rate (0 if unknown)
+    k_histogram: dict[int, int]  # how often each block size was verified
+    draft_failures: int
+    fallback_steps: int  # steps decoded without a draft after a failure
+
+
+class SpeculativeMetrics:
+    def __init__(self) -> None:
+        self.steps = self.drafted = self.accepted = self.emitted = 0
+        self.draft_time = self.verification_time = self.decode_time = 0.0
+        self.position_tries: list[int] = []
+        self.position_accepts: list[int] = []
+        self.k_histogram: dict[int, int] = {}
+        self.draft_failures = self.fallback_steps = 0
+        self.prefill_time = 0.0
+
+    def record_step(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        self.steps += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.emitted += emitted
+        self.draft_time += draft_s
+        self.verification_time += verify_s
+        self.decode_time += draft_s + verify_s
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+        while len(self.position_tries) < k:
+            self.position_tries.append(0)
+            self.position_accepts.append(0)
+        for i in range(min(k, accepted + 1)):
+            self.position_tries[i] += 1
+            self.position_accepts[i] += i < accepted
+
+    def merge(self, other: "SpeculativeMetrics") -> None:
+        for name in ("steps", "drafted", "accepted", "emitted", "draft_time", "verification_time",
+                     "decode_time", "draft_failures", "fallback_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, n in other.k_histogram.items():
+            self.k_histogram[k] = self.k_histogram.get(k, 0) + n
+        for i, (tries, accepts) in enumerate(zip(other.position_tries, other.position_accepts)):
+            if i >= len(self.position_tries):
+                self.position_tries.append(0)
+                self.position_accepts.append(0)
+            self.position_tries[i] += tries
+            self.position_accepts[i] += accepts
+
+    def snapshot(self, plain_step_time: float | None = None) -> MetricsSnapshot:
+        rate = self.emitted / self.decode_time if self.decode_time > 0 else 0.0
+        speedup = rate * plain_step_time if plain_step_time else 0.0
+        return MetricsSnapshot(
+            steps=self.steps, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            emitted_tokens=self.emitted,
+            acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
+            mean_accepted_length=self.emitted / self.steps if self.steps else 0.0,
+            per_position_acceptance=[a / t if t else 0.0 for a, t in zip(self.position_accepts, self.position_tries)],
+            draft_time=self.draft_time, verification_time=self.verification_time,
+            tokens_per_second=rate, estimated_speedup=speedup, k_histogram=dict(self.k_histogram),
+            draft_failures=self.draft_failures, fallback_steps=self.fallback_steps,
+        )

@@ -1,0 +1,1 @@
+"""Schedulers that drive drafting and verification for one request."""

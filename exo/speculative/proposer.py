@@ -1,0 +1,64 @@
+"""The draft side: propose up to K tokens with the probabilities they were drawn from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.generate import GenerationParams
+from exo.inference.sampling import sample
+from exo.inference.shard import Shard
+from exo.speculative.kv import rollback_to
+from exo.speculative.sampling import warp
+
+
+@dataclass
+class DraftBlock:
+    tokens: list[int]
+    probs: np.ndarray  # (len(tokens), V), warped exactly like the target's rows
+    base_length: int  # committed length the block extends
+
+    @property
+    def k(self) -> int:
+        return len(self.tokens)
+
+
+class DraftProposer:
+    def __init__(self, engine: InferenceEngine, shard: Shard):
+        self.engine, self.shard = engine, shard
+
+    async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
+                      threshold: float, rng: np.random.Generator) -> DraftBlock:
+        """Draft up to `k` tokens after `committed`; stops early once the draft's own top
+        probability drops below `threshold` (a guess it is likely to lose)."""
+        held = self.engine.cache_offset(request_id)
+        pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
+        if not pending:
+            raise RuntimeError(f"draft cache of {request_id!r} is ahead of the committed sequence")
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        step_input = pending
+        for i in range(k):
+            logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
+            row = logits.reshape(-1, logits.shape[-1])[-1]
+            if threshold > 0 and i > 0 and _top_probability(row) < threshold:
+                break
+            probs = warp(row, params.temperature, params.top_k, params.top_p)
+            token = int(np.argmax(probs)) if params.temperature == 0 else sample(probs, rng)
+            tokens.append(token)
+            rows.append(probs)
+            step_input = [token]
+        vocab = rows[0].shape[-1] if rows else 0
+        return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed))
+
+    def accept(self, request_id: str, committed_length: int) -> None:
+        """Forget drafted tokens past the now-committed prefix."""
+        held = self.engine.cache_offset(request_id)
+        rollback_to(self.engine, request_id, min(held, committed_length))
+
+
+def _top_probability(logits: np.ndarray) -> float:
+    z = logits.astype(np.float64) - logits.max()
+    return float(1.0 / np.exp(z).sum())

@@ -1,0 +1,127 @@
+"""Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
+
+import numpy as np
+import pytest
+
+from exo.inference.generate import GenerationParams, generate_plain
+from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.speculative.config import ConfigError, SpeculativeConfig
+from exo.speculative.engine import SpeculativeInferenceEngine
+
+
+async def collect(stream) -> list[int]:
+    out: list[int] = []
+    async for tokens in stream:
+        out.extend(tokens)
+    return out
+
+
+async def plain_tokens(model_dir, prompt, params) -> list[int]:
+    engine = MLXInferenceEngine()
+    shard = await engine.full_shard(str(model_dir))
+    await engine.ensure_shard(shard)
+    return await collect(generate_plain(engine, shard, prompt, params, frozenset()))
+
+
+async def speculative(target_dir, draft_dir, **config):
+    config.setdefault("enabled", True)
+    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
+                                        SpeculativeConfig(draft_model=str(draft_dir), **config))
+    shard = await engine.full_shard(str(target_dir))
+    await engine.ensure_shard(shard)
+    return engine, shard
+
+
+PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72)), [7]]
+
+
+@pytest.mark.parametrize("draft", ["tiny_llama", "tiny_llama_other"])
+@pytest.mark.parametrize("config", [dict(draft_tokens=4, adaptive_speculation=False, acceptance_threshold=0),
+                                    dict(draft_tokens=3), dict(draft_tokens=6, max_speculation_depth=6,
+                                                               acceptance_threshold=0.5)])
+async def test_greedy_identical_to_plain_tiny(request, tiny_llama, draft, config):
+    draft_dir = request.getfixturevalue(draft)
+    params = GenerationParams(max_tokens=24, temperature=0.0)
+    engine, shard = await speculative(tiny_llama, draft_dir, **config)
+    for prompt in PROMPTS:
+        expected = await plain_tokens(tiny_llama, prompt, params)
+        got = await collect(engine.generate(shard, prompt, params, eos_ids=frozenset()))
+        assert got == expected
+    metrics = engine.get_metrics()
+    assert metrics["drafted_tokens"] > 0
+    if draft == "tiny_llama":
+        assert metrics["acceptance_rate"] == 1.0
+    else:
+        assert metrics["acceptance_rate"] < 0.5  # a random draft is rejected almost always
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_same_model_as_draft_accepts_everything(tiny_llama, temperature):
+    engine, shard = await speculative(tiny_llama, tiny_llama, draft_tokens=4, adaptive_speculation=False,
+                                      acceptance_threshold=0)
+    params = GenerationParams(max_tokens=40, temperature=temperature, seed=3)
+    await collect(engine.generate(shard, [1, 2, 3], params, eos_ids=frozenset()))
+    metrics = engine.get_metrics()
+    assert metrics["drafted_tokens"] >= 20
+    assert metrics["acceptance_rate"] == 1.0
+    assert metrics["per_position_acceptance"] == [1.0] * 4
+    assert metrics["mean_accepted_length"] > 4.0
+
+
+async def test_greedy_identical_on_smollm2_with_early_exit_draft(smollm2_dir, smollm2_early_exit):
+    engine, shard = await speculative(smollm2_dir, smollm2_early_exit, draft_tokens=4)
+    tokenizer = engine.tokenizer
+    params = GenerationParams(max_tokens=40, temperature=0.0)
+    for text in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
+        prompt = tokenizer.encode(text)
+        expected = await plain_tokens(smollm2_dir, prompt, params)
+        got = await collect(engine.generate(shard, prompt, params, eos_ids=frozenset()))
+        assert got == expected, (text, tokenizer.decode(got), tokenizer.decode(expected))
+    metrics = engine.get_metrics()
+    assert 0.0 < metrics["acceptance_rate"] < 1.0
+
+
+class FailingDraft(MLXInferenceEngine):
+    """A real engine whose forward pass starts raising after `fail_after` calls."""
+
+    def __init__(self, fail_after: int):
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    async def infer_tensor(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise RuntimeError("draft device lost")
+        return await super().infer_tensor(*args, **kwargs)
+
+
+async def test_draft_failure_mid_request_falls_back_to_plain(tiny_llama, tiny_llama_other):
+    params = GenerationParams(max_tokens=30, temperature=0.0)
+    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), FailingDraft(fail_after=5),
+                                        SpeculativeConfig(enabled=True, draft_model=str(tiny_llama)))
+    shard = await engine.full_shard(str(tiny_llama))
+    got = await collect(engine.generate(shard, [5, 6, 7], params, eos_ids=frozenset()))
+    assert got == await plain_tokens(tiny_llama, [5, 6, 7], params)
+    metrics = engine.get_metrics()
+    assert metrics["draft_failures"] == 1 and metrics["fallback_steps"] > 0
+    assert len(got) == 30
+
+
+async def test_draft_that_cannot_load_serves_plain_and_retries(tiny_llama, tmp_path):
+    params = GenerationParams(max_tokens=10, temperature=0.0)
+    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
+                                        SpeculativeConfig(enabled=True, draft_model=str(tmp_path / "missing")))
+    shard = await engine.full_shard(str(tiny_llama))
+    got = await collect(engine.generate(shard, [5, 6, 7], params, eos_ids=frozenset()))
+    assert got == await plain_tokens(tiny_llama, [5, 6, 7], params)
+    assert engine.draft_load_failures == 1
+    await collect(engine.generate(shard, [5, 6, 7], params, eos_ids=frozenset()))
+    assert engine.draft_load_failures == 1  # inside the backoff window: no immediate retry
+
+
+async def test_incompatible_tokenizer_is_refused(tiny_llama, smollm2_dir):
+    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
+                                        SpeculativeConfig(enabled=True, draft_model=str(tiny_llama)))
+    shard = await engine.full_shard(str(smollm2_dir))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        await engine.ensure_shard(shard)
