@@ -1,54 +1,99 @@
-"""`exo run`: one generation in this process, streamed to the terminal."""
+"""`exo run`: one generation in this process, streamed to the terminal (or as JSON)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import sys
 import time
 
 from exo.inference.detokenize import StreamingDetokenizer
-from exo.inference.generate import GenerationParams, generate_plain
+from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
-from exo.inference.shard import Shard
 from exo.inference.sources import ModelSourceError
 from exo.models import UnknownModelError
+from exo.speculative.config import ConfigError, SpeculativeConfig
+from exo.speculative.engine import SpeculativeInferenceEngine
 
-log = logging.getLogger("exo.run")
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--prompt", default="Write a Python function that reverses a string.", help="user message")
+    run.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    run.add_argument("--seed", type=int, default=None, help="random seed for sampling and speculation")
+    run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, token ids, finish reason, metrics) instead of streaming")
+    run.add_argument("--inference-engine", choices=["mlx"], default="mlx", help="engine (default mlx)")
+    add_speculative_arguments(run)
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SpeculativeConfig()
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument("--enable-speculative", action="store_true", help="draft with a small model, verify exactly")
+    group.add_argument("--draft-model", default=defaults.draft_model,
+                       help="draft model id, directory or .gguf (default: auto, from the draft-pair table)")
+    group.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
+                       help=f"draft block size K, the start value when adaptive (default {defaults.draft_tokens})")
+    group.add_argument("--speculative-threshold", type=float, default=defaults.acceptance_threshold,
+                       help="stop drafting a block when the draft's top probability falls below this "
+                            f"(default {defaults.acceptance_threshold}; never changes the output)")
+    group.add_argument("--max-speculation-depth", type=int, default=defaults.max_speculation_depth,
+                       help=f"largest K adaptive speculation may choose (default {defaults.max_speculation_depth})")
+    group.add_argument("--fixed-k", action="store_true", help="disable adaptive K; always draft --draft-tokens")
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    return SpeculativeConfig(
+        enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
+        acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
+        adaptive_speculation=not args.fixed_k,
+    )
 
 
 async def run_command(args: argparse.Namespace) -> int:
     try:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
-    except ValueError as exc:
-        print(f"exo run: {exc}", file=sys.stderr)
-        return 2
-    engine = MLXInferenceEngine()
-    try:
+        config = speculative_config(args)
+        engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), config)
         shard = await engine.full_shard(args.model)
         await engine.ensure_shard(shard)
-    except (UnknownModelError, ModelSourceError, FileNotFoundError, ValueError) as exc:
+    except (UnknownModelError, ModelSourceError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
     tokenizer = engine.tokenizer
     text = args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    eos = tokenizer.eos_token_ids
-    detok = StreamingDetokenizer(tokenizer, skip_ids=eos)
+    prompt_ids = tokenizer.encode(text)
+    detok = StreamingDetokenizer(tokenizer, skip_ids=tokenizer.eos_token_ids)
     started = time.perf_counter()
-    first_token_at = None
-    count = 0
-    async for tokens in generate_plain(engine, shard, prompt_ids, params, eos):
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        count += len(tokens)
-        sys.stdout.write(detok.add(tokens))
-        sys.stdout.flush()
-    finished = time.perf_counter()
-    decode_s = finished - first_token_at
-    rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else float("nan")
-    print(f"\n\n[{len(prompt_ids)} prompt tokens, prefill {first_token_at - started:.2f} s; "
-          f"{count} tokens, {rate:.2f} tokens/s decode]", file=sys.stderr)
-    engine.close()
+    first_at = None
+    tokens: list[int] = []
+    async for block in engine.generate(shard, prompt_ids, params):
+        first_at = first_at or time.perf_counter()
+        tokens += block
+        piece = detok.add(block)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    decode_s = time.perf_counter() - first_at
+    rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0
+    request = engine.last_request
+    metrics = engine.get_metrics()["last_request"]
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "text": detok.text, "token_ids": tokens, "finish_reason": request.finish_reason,
+            "prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
+            "prefill_seconds": round(first_at - started, 4), "decode_tokens_per_second": round(rate, 3),
+            "speculative": config.enabled, "metrics": metrics,
+        }))
+    else:
+        summary = f"{len(prompt_ids)} prompt tokens, prefill {first_at - started:.2f} s; {len(tokens)} tokens, {rate:.2f} tokens/s"
+        if config.enabled:
+            summary += (f"; acceptance {metrics['acceptance_rate']:.0%}, "
+                        f"{metrics['mean_accepted_length']:.2f} tokens/verify")
+        print(f"\n\n[{summary}]", file=sys.stderr)
     return 0

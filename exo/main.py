@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 import anyio
 
 from exo import blas
+from exo.cli_run import add_run_arguments
 from exo.models import CARDS, DEFAULT_MODEL
 
 log = logging.getLogger("exo")
-DEFAULT_PROMPT = "Write a Python function that reverses a string."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                      help=f"model card id ({', '.join(sorted(CARDS))}), a model directory or a .gguf file "
                           f"(default {DEFAULT_MODEL})")
-    run.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message")
-    run.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    run.add_argument("--inference-engine", choices=["mlx"], default="mlx", help="engine (default mlx)")
+    add_run_arguments(run)
     return parser
 
 

@@ -33,14 +33,14 @@ def tiny_llama_other(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
-    """SmolLM2's first 8 layers plus its head: a real, weaker draft with the same tokenizer."""
+    """SmolLM2 with its last 6 of 30 layers skipped: a real, weaker draft with the same tokenizer."""
     import json
 
-    out = tmp_path_factory.mktemp("smollm2-8l")
+    out = tmp_path_factory.mktemp("smollm2-24l")
     for item in smollm2_dir.iterdir():
         if item.name != "config.json":
             (out / item.name).symlink_to(item)
     config = json.loads((smollm2_dir / "config.json").read_text())
-    config["num_hidden_layers"] = 8
+    config["num_hidden_layers"] = 24
     (out / "config.json").write_text(json.dumps(config))
     return out
