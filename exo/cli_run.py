@@ -59,7 +59,19 @@ async def run_command(args: argparse.Namespace) -> int:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
-        engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), config)
+    except ValueError as exc:
+        print(f"exo run: {exc}", file=sys.stderr)
+        return 2
+    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), config)
+    try:
+        return await _generate(args, engine, params, config)
+    finally:
+        engine.close()
+
+
+async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine, params: GenerationParams,
+                    config: SpeculativeConfig) -> int:
+    try:
         shard = await engine.full_shard(args.model)
         await engine.ensure_shard(shard)
     except (UnknownModelError, ModelSourceError, ConfigError, ValueError, FileNotFoundError) as exc:

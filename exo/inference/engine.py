@@ -92,3 +92,6 @@ class InferenceEngine(ABC):
     @abstractmethod
     def free_cache(self, request_id: str) -> None:
         """Forget the request's KV cache."""
+
+    def close(self) -> None:
+        """Release worker threads; call before the process exits."""

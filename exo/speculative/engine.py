@@ -76,6 +76,10 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.target.free_cache(request_id)
         self.draft.free_cache(request_id)
 
+    def close(self) -> None:
+        self.target.close()
+        self.draft.close()
+
     # -- the draft ----------------------------------------------------------------------
     async def ensure_draft(self, target_model: str, requested: str) -> Shard | None:
         """Load the draft for `target_model`; None (and a retry later) if it cannot be used.

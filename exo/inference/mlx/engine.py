@@ -7,8 +7,10 @@ so the event loop never blocks and KV caches are only ever touched by one thread
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import weakref
 import os
 import sys
 from collections import OrderedDict
@@ -34,6 +36,16 @@ T = TypeVar("T")
 DEFAULT_DTYPE = "float32" if sys.platform != "darwin" else None
 
 
+_live_engines: "weakref.WeakSet[MLXInferenceEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """MLX aborts the process if it exits with an engine thread still alive."""
+    for engine in list(_live_engines):
+        engine.close()
+
+
 class MLXInferenceEngine(InferenceEngine):
     def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *,
                  dtype: str | None = os.environ.get("EXO_DTYPE", DEFAULT_DTYPE), max_caches: int = 16):
@@ -51,6 +63,7 @@ class MLXInferenceEngine(InferenceEngine):
         self.shard: Shard | None = None
         self.tokenizer: Any = None
         self.model_dir: Path | None = None
+        _live_engines.add(self)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the engine's MLX thread without blocking the event loop."""
@@ -142,4 +155,6 @@ class MLXInferenceEngine(InferenceEngine):
         self._caches.pop(request_id, None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the MLX thread; the process must not exit while it is alive (MLX aborts)."""
+        self._caches.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
