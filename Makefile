@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make run    fetch the default models (first time only) and generate with them
+#   make run    fetch the default model pair (first time only), generate with speculation
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ ARGS ?=
 .PHONY: run test setup clean
 
 run: $(STAMP)
-	$(VENV)/bin/exo run $(ARGS)
+	$(VENV)/bin/exo run --enable-speculative $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)

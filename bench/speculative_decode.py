@@ -45,7 +45,8 @@ def our_side(args: argparse.Namespace) -> list[dict]:
                                                max_speculation_depth=max(k, 1), adaptive_speculation=False,
                                                acceptance_threshold=0.0)) for k in args.ks]
         modes += [("adaptive", SpeculativeConfig(enabled=True, draft_model=args.draft))]
-        rows = []
+        rows: list[dict] = []
+        keep = partial_writer("exo", rows)
         for kind, text in PROMPTS.items():
             prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt([{"role": "user", "content": text}]))
             for temp in args.temps:
@@ -57,14 +58,14 @@ def our_side(args: argparse.Namespace) -> list[dict]:
                         tokens += block
                     elapsed = time.perf_counter() - first_at
                     m = engine.get_metrics()["last_request"]
-                    rows.append({"engine": "exo", "mode": mode, "prompt": kind, "temperature": temp,
+                    keep({"engine": "exo", "mode": mode, "prompt": kind, "temperature": temp,
                                  "tokens": tokens, "decode_tokens_per_second": (len(tokens) - 1) / elapsed,
                                  "acceptance_rate": m["acceptance_rate"],
                                  "mean_accepted_length": m["mean_accepted_length"],
                                  "per_position_acceptance": m["per_position_acceptance"],
                                  "k_histogram": m["k_histogram"], "draft_time": m["draft_time"],
                                  "verification_time": m["verification_time"]})
-                    report(rows[-1])
+        engine.close()
         return rows
 
     return anyio.run(run)
@@ -82,7 +83,8 @@ def mlx_lm_side(args: argparse.Namespace) -> list[dict]:
     model, tokenizer = load(str(target_dir))
     draft, _ = load(str(draft_dir))
     ours = load_tokenizer(target_dir)
-    rows = []
+    rows: list[dict] = []
+    keep = partial_writer("mlx-lm", rows)
     for kind, text in PROMPTS.items():
         prompt = ours.encode(ours.chat_prompt([{"role": "user", "content": text}]))
         for temp in args.temps:
@@ -98,12 +100,27 @@ def mlx_lm_side(args: argparse.Namespace) -> list[dict]:
                     tokens.append(response.token)
                     drafted_hits += bool(getattr(response, "from_draft", False))
                 elapsed = time.perf_counter() - first_at
-                rows.append({"engine": "mlx-lm", "mode": f"K={k}" if k else "plain", "prompt": kind,
+                keep({"engine": "mlx-lm", "mode": f"K={k}" if k else "plain", "prompt": kind,
                              "temperature": temp, "tokens": tokens,
                              "decode_tokens_per_second": (len(tokens) - 1) / elapsed,
                              "tokens_from_draft": drafted_hits})
-                report(rows[-1])
     return rows
+
+
+def partial_path(side: str):
+    return RESULTS / f"speculative_decode.{side}.partial.json"
+
+
+def partial_writer(side: str, rows: list[dict]):
+    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        partial_path(side).write_text(json.dumps(rows))
+        report(row)
+
+    return keep
 
 
 def report(row: dict) -> None:
@@ -176,17 +193,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temps", type=float, nargs="+", default=[0.0, 0.7])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--reuse", nargs="*", default=[], choices=["exo", "mlx-lm"],
+                        help="reuse a side's rows from its last (partial) run instead of measuring again")
     parser.add_argument("--side", choices=["exo", "mlx-lm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        rows = our_side(args) if args.side == "exo" else mlx_lm_side(args)
-        print(json.dumps(rows))
+        our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
     rows = []
     for side in ("exo", "mlx-lm"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side],
-                              stdout=subprocess.PIPE, text=True, check=True)
-        rows += json.loads(done.stdout.strip().splitlines()[-1])
+        if side not in args.reuse:
+            partial_path(side).unlink(missing_ok=True)
+            argv = [a for a in sys.argv[1:] if a not in ("--reuse", "exo", "mlx-lm")]
+            subprocess.run([sys.executable, __file__, *argv, "--side", side], check=True)
+        rows += json.loads(partial_path(side).read_text())
     table = summarise(rows)
     save("speculative_decode", {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
                                 "summary": table, "runs": rows})

@@ -9,7 +9,7 @@ import time
 
 from exo.inference.detokenize import StreamingDetokenizer
 from exo.inference.generate import GenerationParams
-from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.inference.placement import PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
 from exo.models import UnknownModelError
 from exo.speculative.config import ConfigError, SpeculativeConfig
@@ -44,13 +44,18 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-speculation-depth", type=int, default=defaults.max_speculation_depth,
                        help=f"largest K adaptive speculation may choose (default {defaults.max_speculation_depth})")
     group.add_argument("--fixed-k", action="store_true", help="disable adaptive K; always draft --draft-tokens")
+    group.add_argument("--pipelined", action="store_true",
+                       help="draft block n+1 while block n is verified (overlaps with --placement processes)")
+    group.add_argument("--placement", choices=PLACEMENTS, default="threads",
+                       help="threads: both models in this process (default); processes: target and draft in "
+                            "separate processes pinned to separate CPUs")
 
 
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     return SpeculativeConfig(
         enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
         acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
-        adaptive_speculation=not args.fixed_k,
+        adaptive_speculation=not args.fixed_k, pipelined=args.pipelined,
     )
 
 
@@ -62,7 +67,7 @@ async def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), config)
+    engine = SpeculativeInferenceEngine(*make_engine_pair(args.placement), config)
     try:
         return await _generate(args, engine, params, config)
     finally:

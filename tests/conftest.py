@@ -44,3 +44,10 @@ def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
     config["num_hidden_layers"] = 24
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Join every MLX engine thread while the interpreter is fully alive (MLX aborts otherwise)."""
+    from exo.inference.mlx.engine import _close_live_engines
+
+    _close_live_engines()

@@ -20,9 +20,12 @@ from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
+from exo.speculative.events import EventBus
 from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
-from exo.speculative.pipeline.sequential import SpeculativeRequest, run_sequential
+from exo.speculative.pipeline.common import SpeculativeRequest
+from exo.speculative.pipeline.pipelined import run_pipelined
+from exo.speculative.pipeline.sequential import run_sequential
 from exo.speculative.proposer import DraftProposer
 from exo.speculative.verifier import TargetVerifier
 
@@ -31,8 +34,11 @@ RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
 
 
 class SpeculativeInferenceEngine(InferenceEngine):
-    def __init__(self, target: InferenceEngine, draft: InferenceEngine, config: SpeculativeConfig):
+    def __init__(self, target: InferenceEngine, draft: InferenceEngine, config: SpeculativeConfig,
+                 events: EventBus | None = None, node_id: str = ""):
         self.target, self.draft, self.config = target, draft, config
+        self.events = events or EventBus()
+        self.node_id = node_id
         self.metrics = SpeculativeMetrics()
         self.last_request: SpeculativeRequest | None = None
         self._draft_shard: Shard | None = None
@@ -122,12 +128,15 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
             config.acceptance_threshold,
             AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation),
+            events=self.events, node_id=self.node_id,
+            shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
         )
         if config.enabled and proposer is None:
-            request.metrics.draft_failures += 1
+            request.draft_failed("draft model unavailable")
         self.last_request = request
         try:
-            async for tokens in run_sequential(request, TargetVerifier(self.target, shard), proposer):
+            scheduler = run_pipelined if config.pipelined else run_sequential
+            async for tokens in scheduler(request, TargetVerifier(self.target, shard, request_id, params), proposer):
                 yield tokens
         finally:
             self.free_cache(request_id)

@@ -22,6 +22,8 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     k_histogram: dict[int, int]  # how often each block size was verified
     draft_failures: int
     fallback_steps: int  # steps decoded without a draft after a failure
+    pipeline_busy: dict[str, float] = {}  # pipelined: seconds the draft / verify side computed
+    pipeline_idle: dict[str, float] = {}  # pipelined: seconds the draft / verify side waited
 
 
 class SpeculativeMetrics:
@@ -33,6 +35,8 @@ class SpeculativeMetrics:
         self.k_histogram: dict[int, int] = {}
         self.draft_failures = self.fallback_steps = 0
         self.prefill_time = 0.0
+        self.pipeline_busy: dict[str, float] = {}  # pipelined: seconds each side computed
+        self.pipeline_idle: dict[str, float] = {}  # pipelined: seconds each side waited
 
     def record_step(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
         self.steps += 1
@@ -54,6 +58,10 @@ class SpeculativeMetrics:
         for name in ("steps", "drafted", "accepted", "emitted", "draft_time", "verification_time",
                      "decode_time", "draft_failures", "fallback_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("pipeline_busy", "pipeline_idle"):
+            mine = getattr(self, name)
+            for side, seconds in getattr(other, name).items():
+                mine[side] = mine.get(side, 0.0) + seconds
         for k, n in other.k_histogram.items():
             self.k_histogram[k] = self.k_histogram.get(k, 0) + n
         for i, (tries, accepts) in enumerate(zip(other.position_tries, other.position_accepts)):
@@ -75,4 +83,5 @@ class SpeculativeMetrics:
             draft_time=self.draft_time, verification_time=self.verification_time,
             tokens_per_second=rate, estimated_speedup=speedup, k_histogram=dict(self.k_histogram),
             draft_failures=self.draft_failures, fallback_steps=self.fallback_steps,
+            pipeline_busy=dict(self.pipeline_busy), pipeline_idle=dict(self.pipeline_idle),
         )

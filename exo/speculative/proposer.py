@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +19,9 @@ from exo.speculative.sampling import warp
 class DraftBlock:
     tokens: list[int]
     probs: np.ndarray  # (len(tokens), V), warped exactly like the target's rows
-    base_length: int  # committed length the block extends
+    base_length: int  # length of the sequence the block extends
+    epoch: int = 0  # pipelined: which run of speculation since the last divergence
+    draft_seconds: float = 0.0
 
     @property
     def k(self) -> int:
@@ -30,9 +33,14 @@ class DraftProposer:
         self.engine, self.shard = engine, shard
 
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
-                      threshold: float, rng: np.random.Generator) -> DraftBlock:
-        """Draft up to `k` tokens after `committed`; stops early once the draft's own top
-        probability drops below `threshold` (a guess it is likely to lose)."""
+                      threshold: float, rng: np.random.Generator,
+                      interrupted: Callable[[], bool] = lambda: False) -> DraftBlock:
+        """Draft up to `k` tokens after `committed`.
+
+        Stops early once the draft's own top probability drops below `threshold` (a guess
+        it is likely to lose), or when `interrupted()` says a verdict may have made the
+        block moot.
+        """
         held = self.engine.cache_offset(request_id)
         pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
         if not pending:
@@ -41,6 +49,8 @@ class DraftProposer:
         rows: list[np.ndarray] = []
         step_input = pending
         for i in range(k):
+            if i and interrupted():
+                break
             logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
             row = logits.reshape(-1, logits.shape[-1])[-1]
             if threshold > 0 and i > 0 and _top_probability(row) < threshold:

@@ -8,42 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
 
-from exo.inference.generate import GenerationParams
-from exo.speculative.adaptive import AdaptiveK
-from exo.speculative.metrics import SpeculativeMetrics
+from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import TargetVerifier
 
 log = logging.getLogger("exo.speculative")
-
-
-@dataclass
-class SpeculativeRequest:
-    request_id: str
-    prompt: list[int]
-    params: GenerationParams
-    eos_ids: frozenset[int]
-    threshold: float
-    controller: AdaptiveK
-    metrics: SpeculativeMetrics = field(default_factory=SpeculativeMetrics)
-    finish_reason: str | None = None
-
-
-def _finish(request: SpeculativeRequest, produced: int, emitted: list[int]) -> list[int]:
-    """Cut `emitted` at end-of-sequence or the token budget, setting the finish reason."""
-    for i, token in enumerate(emitted):
-        if token in request.eos_ids:
-            request.finish_reason = "stop"
-            return emitted[: i + 1]
-        if produced + i + 1 >= request.params.max_tokens:
-            request.finish_reason = "length"
-            return emitted[: i + 1]
-    return emitted
 
 
 async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
@@ -53,9 +26,8 @@ async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
     rng = np.random.default_rng(params.seed)
     committed = list(request.prompt)
     start = time.perf_counter()
-    first = _finish(request, 0, [await verifier.prefill(rid, committed, params, rng)])
+    first = request.finish([await verifier.prefill(committed, rng)])
     committed += first
-    produced = len(first)
     request.metrics.prefill_time = time.perf_counter() - start
     yield first
     while request.finish_reason is None:
@@ -65,26 +37,22 @@ async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
         if k:
             try:
                 block = await proposer.propose(rid, committed, k, params, request.threshold, rng)
-            except Exception:
+                request.drafted(block)
+            except Exception as exc:
                 log.exception("draft model failed in request %s; continuing with plain decoding", rid)
-                request.metrics.draft_failures += 1
+                request.draft_failed(f"draft failed: {exc}")
                 proposer = None
         drafted = time.perf_counter()
-        emitted = await verifier.verify(rid, committed, block, params, rng)
+        verdict = await verifier.verify(committed, block, rng)
         verified = time.perf_counter()
-        accepted = len(emitted) - 1
         if proposer is not None and block.k:
             try:
-                proposer.accept(rid, block.base_length + accepted)
-            except Exception:
+                proposer.accept(rid, block.base_length + verdict.accepted)
+            except Exception as exc:
                 log.exception("draft cache rollback failed in request %s; continuing with plain decoding", rid)
-                request.metrics.draft_failures += 1
+                request.draft_failed(f"draft rollback failed: {exc}")
                 proposer = None
-        if proposer is None and request.metrics.draft_failures:
-            request.metrics.fallback_steps += 1
-        request.controller.observe(block.k, accepted, drafted - started, verified - drafted)
-        request.metrics.record_step(block.k, accepted, len(emitted), drafted - started, verified - drafted)
-        emitted = _finish(request, produced, emitted)
+        request.verified(block, verdict, drafted - started, verified - drafted, proposer is not None)
+        emitted = request.finish(verdict.emitted)
         committed += emitted
-        produced += len(emitted)
         yield emitted

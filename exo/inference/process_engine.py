@@ -1,0 +1,220 @@
+"""An engine in its own process, optionally pinned to CPUs with its own BLAS thread count.
+
+Two engines in two threads of one process share the cores and the memory bandwidth, so a
+draft and a target never truly run at the same time on a small CPU. Giving each its own
+process and core is the single-machine form of "the draft runs on another device": it is
+what makes pipelined speculation overlap for real. Calls travel over a pipe as msgpack
+headers plus raw array bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import anyio
+import msgspec
+import numpy as np
+
+from exo.inference.engine import InferenceEngine
+from exo.inference.shard import Shard
+
+log = logging.getLogger("exo.process_engine")
+
+
+class Array(msgspec.Struct, frozen=True):
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "Array":
+        array = np.ascontiguousarray(array)
+        return cls(array.dtype.str, array.shape, array.tobytes())
+
+    def numpy(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+
+class Call(msgspec.Struct, frozen=True):
+    op: str  # load | infer | trim | free | close
+    request_id: str = ""
+    shard: tuple[str, int, int, int] | None = None
+    model_dir: str = ""
+    array: Array | None = None
+    state: dict[str, Any] | None = None
+    n: int = 0
+
+
+class Reply(msgspec.Struct, frozen=True):
+    error: str = ""
+    array: Array | None = None
+    offset: int = 0
+
+
+class EngineProcessError(RuntimeError):
+    pass
+
+
+class ProcessInferenceEngine(InferenceEngine):
+    def __init__(self, cpus: Sequence[int] | None = None, blas_threads: int | None = 1, *,
+                 model_dir_for: Callable[[str], Path] | None = None, call_timeout: float = 600.0):
+        if model_dir_for is None:
+            from exo.inference.sources import model_dir_for as default_resolver
+            model_dir_for = default_resolver
+        self.model_dir_for = model_dir_for
+        self.cpus, self.blas_threads, self.call_timeout = list(cpus or []), blas_threads, call_timeout
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._lock = anyio.Lock()
+        self._offsets: dict[str, int] = {}
+        self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Reply)
+        self.shard: Shard | None = None
+        self.tokenizer = None
+
+    def _start(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, self.cpus, self.blas_threads),
+                                        daemon=True, name="exo-engine")
+        self._process.start()
+        child.close()
+
+    async def _call(self, call: Call) -> Reply:
+        async with self._lock:
+            reply = await anyio.to_thread.run_sync(self._roundtrip, self._encoder.encode(call))
+        if reply.error:
+            raise EngineProcessError(f"engine process failed on {call.op}: {reply.error}")
+        return reply
+
+    def _roundtrip(self, payload: bytes) -> Reply:
+        self._start()
+        try:
+            self._conn.send_bytes(payload)
+            if not self._conn.poll(self.call_timeout):
+                self._kill()
+                raise EngineProcessError(f"engine process did not answer within {self.call_timeout:.0f} s")
+            return self._decoder.decode(self._conn.recv_bytes())
+        except (EOFError, OSError, BrokenPipeError) as exc:
+            self._kill()
+            raise EngineProcessError(f"engine process died: {exc}") from exc
+
+    def _kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+        self._process = None
+        self._offsets.clear()
+        self.shard = None
+
+    async def ensure_shard(self, shard: Shard) -> None:
+        if self.shard == shard and self._process is not None and self._process.is_alive():
+            return
+        model_dir = await anyio.to_thread.run_sync(self.model_dir_for, shard.model_id)
+        await self.load_checkpoint(shard, str(model_dir))
+
+    async def load_checkpoint(self, shard: Shard, path: str) -> None:
+        from exo.inference.tokenizer import load_tokenizer
+
+        await self._call(Call("load", shard=(shard.model_id, shard.start_layer, shard.end_layer, shard.n_layers),
+                              model_dir=str(path)))
+        self.tokenizer = await anyio.to_thread.run_sync(load_tokenizer, Path(path))
+        self.shard = shard
+        self._offsets.clear()
+
+    async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        await self.ensure_shard(shard)
+        reply = await self._call(Call("infer", request_id, array=Array.of(np.asarray(input_data)),
+                                      state=inference_state))
+        self._offsets[request_id] = reply.offset
+        return reply.array.numpy(), inference_state
+
+    def cache_offset(self, request_id: str) -> int:
+        return self._offsets.get(request_id, 0)
+
+    def trim_cache(self, request_id: str, n_tokens: int) -> None:
+        """Synchronous by interface; the pipe is strictly request/reply, so this is safe."""
+        held = self._offsets.get(request_id, 0)
+        if n_tokens < 0 or n_tokens > held:
+            raise ValueError(f"cannot trim {n_tokens} tokens from request {request_id!r} holding {held}")
+        reply = self._decoder.decode(self._sync_call(Call("trim", request_id, n=n_tokens)))
+        if reply.error:
+            raise EngineProcessError(f"engine process failed on trim: {reply.error}")
+        self._offsets[request_id] = reply.offset
+
+    def free_cache(self, request_id: str) -> None:
+        self._offsets.pop(request_id, None)
+        if self._process is not None and self._process.is_alive():
+            self._sync_call(Call("free", request_id))
+
+    def _sync_call(self, call: Call) -> bytes:
+        if self._lock.locked():
+            raise RuntimeError("engine process is busy; cache operations must not overlap a forward pass")
+        self._conn.send_bytes(self._encoder.encode(call))
+        if not self._conn.poll(self.call_timeout):
+            self._kill()
+            raise EngineProcessError("engine process did not answer")
+        return self._conn.recv_bytes()
+
+    def close(self) -> None:
+        if self._process is None:
+            return
+        try:
+            if self._process.is_alive():
+                self._conn.send_bytes(self._encoder.encode(Call("close")))
+                self._process.join(10)
+        except (OSError, BrokenPipeError):
+            pass  # already gone; kill below makes sure
+        self._kill()
+
+
+def _serve(conn, cpus: list[int], blas_threads: int | None) -> None:
+    """Child process: configure threads and affinity before MLX loads, then serve calls."""
+    if blas_threads:
+        for name in ("OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[name] = str(blas_threads)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    import exo  # noqa: F401  (BLAS selection, before mlx.core)
+    from exo.inference.mlx.engine import MLXInferenceEngine
+
+    anyio.run(_serve_loop, conn, MLXInferenceEngine())
+
+
+async def _serve_loop(conn, engine) -> None:
+    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Call)
+    shard: Shard | None = None
+    while True:
+        try:
+            call = decoder.decode(await anyio.to_thread.run_sync(conn.recv_bytes))
+        except EOFError:
+            break
+        reply = Reply()
+        try:
+            if call.op == "close":
+                conn.send_bytes(encoder.encode(reply))
+                break
+            if call.op == "load":
+                shard = Shard(*call.shard)
+                await engine.load_checkpoint(shard, call.model_dir)
+            elif call.op == "infer":
+                out, _ = await engine.infer_tensor(call.request_id, shard, call.array.numpy(), call.state)
+                reply = Reply(array=Array.of(out), offset=engine.cache_offset(call.request_id))
+            elif call.op == "trim":
+                engine.trim_cache(call.request_id, call.n)
+                reply = Reply(offset=engine.cache_offset(call.request_id))
+            elif call.op == "free":
+                engine.free_cache(call.request_id)
+            else:
+                reply = Reply(error=f"unknown op {call.op!r}")
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+            log.exception("engine process: %s failed", call.op)
+            reply = Reply(error=f"{type(exc).__name__}: {exc}")
+        conn.send_bytes(encoder.encode(reply))
+    engine.close()

@@ -1,0 +1,53 @@
+"""Event types: one tagged union, versioned, frozen (an event is a fact, not a mutable object)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+EVENT_VERSION = 1
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=False):
+    request_id: str
+    version: int = EVENT_VERSION
+    node_id: str = ""
+    timestamp: float = 0.0
+
+
+class DraftProposed(_Event, tag="draft_proposed"):
+    block: int = 0  # block index within the request
+    tokens: int = 0  # draft tokens in the block
+
+
+class BlockVerified(_Event, tag="block_verified"):
+    block: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    verify_seconds: float = 0.0
+
+
+class KVRollback(_Event, tag="kv_rollback"):
+    """Every holder of this request's KV for `shard` must keep exactly `keep_tokens`."""
+
+    shard: str = ""  # "model_id:start-end"
+    keep_tokens: int = 0
+
+
+class MetricsUpdate(_Event, tag="metrics_update"):
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
+    tokens_per_second: float = 0.0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0
+    per_position_acceptance: list[float] = []
+
+
+class SpeculationFallback(_Event, tag="speculation_fallback"):
+    reason: str = ""
+
+
+Event = Union[DraftProposed, BlockVerified, KVRollback, MetricsUpdate, SpeculationFallback]

@@ -1,0 +1,76 @@
+"""What both schedulers share: per-request state and the end-of-generation rule."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from exo.inference.generate import GenerationParams
+from exo.speculative.adaptive import AdaptiveK
+from exo.speculative.events import (
+    BlockVerified, DraftProposed, EventBus, KVRollback, MetricsUpdate, SpeculationFallback,
+)
+from exo.speculative.metrics import SpeculativeMetrics
+from exo.speculative.proposer import DraftBlock
+from exo.speculative.verifier import Verdict
+
+
+@dataclass
+class SpeculativeRequest:
+    request_id: str
+    prompt: list[int]
+    params: GenerationParams
+    eos_ids: frozenset[int]
+    threshold: float
+    controller: AdaptiveK
+    metrics: SpeculativeMetrics = field(default_factory=SpeculativeMetrics)
+    finish_reason: str | None = None
+    produced: int = 0
+    events: EventBus | None = None
+    node_id: str = ""
+    shard_label: str = ""
+    blocks: int = 0
+
+    def publish(self, event_type: type, **fields) -> None:
+        if self.events is not None:
+            self.events.publish(event_type(request_id=self.request_id, node_id=self.node_id,
+                                           timestamp=time.time(), **fields))
+
+    def drafted(self, block: DraftBlock) -> None:
+        self.publish(DraftProposed, block=self.blocks, tokens=block.k)
+
+    def draft_failed(self, reason: str) -> None:
+        self.metrics.draft_failures += 1
+        self.publish(SpeculationFallback, reason=reason)
+
+    def verified(self, block: DraftBlock, verdict: Verdict, draft_s: float, verify_s: float,
+                 drafting: bool) -> None:
+        """Account for one verified block: controller, metrics, events."""
+        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s)
+        self.metrics.record_step(block.k, verdict.accepted, len(verdict.emitted), draft_s, verify_s)
+        if not drafting and self.metrics.draft_failures:
+            self.metrics.fallback_steps += 1
+        self.publish(BlockVerified, block=self.blocks, drafted=block.k, accepted=verdict.accepted,
+                     emitted=len(verdict.emitted), verify_seconds=verify_s)
+        self.publish(KVRollback, shard=self.shard_label, keep_tokens=verdict.kept)
+        self.blocks += 1
+        if self.events is not None:
+            snapshot = self.metrics.snapshot()
+            self.publish(MetricsUpdate, **{k: v for k, v in msgspec.structs.asdict(snapshot).items()
+                                           if k in MetricsUpdate.__struct_fields__})
+
+    def finish(self, emitted: list[int]) -> list[int]:
+        """Cut `emitted` at end-of-sequence or the token budget (setting the finish reason)."""
+        for i, token in enumerate(emitted):
+            if token in self.eos_ids:
+                self.finish_reason = "stop"
+                emitted = emitted[: i + 1]
+                break
+            if self.produced + i + 1 >= self.params.max_tokens:
+                self.finish_reason = "length"
+                emitted = emitted[: i + 1]
+                break
+        self.produced += len(emitted)
+        return emitted

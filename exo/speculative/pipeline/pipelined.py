@@ -1,0 +1,188 @@
+"""Pipelined speculation: the drafter drafts block n+1 while the verifier checks block n.
+
+    drafter --DraftBlock--> verifier --VerdictMessage--> drafter
+                               \\--emitted tokens--> consumer
+
+Two tasks in one task group, joined by bounded memory streams. The drafter assumes every
+block in flight will be fully accepted and keeps drafting past it. The verifier defers the
+bonus token of a fully accepted block (see TargetVerifier), so the drafter's next block
+stays valid; when a verdict commits a token the drafter did not propose, the epoch moves
+on: blocks of the old epoch are dropped unverified, the draft cache is rolled back to the
+committed prefix and drafting restarts from the corrected token. No draft token reaches
+the output without passing the verifier against the committed sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import anyio
+import numpy as np
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from exo.speculative.pipeline.common import SpeculativeRequest
+from exo.speculative.proposer import DraftBlock, DraftProposer
+from exo.speculative.verifier import TargetVerifier
+
+log = logging.getLogger("exo.speculative")
+MAX_BLOCKS_AHEAD = 2  # drafted but unverified blocks the drafter may have in flight
+
+
+@dataclass(frozen=True)
+class VerdictMessage:
+    epoch: int  # the verifier's epoch after this verdict
+    emitted: list[int]
+    accepted: int
+    finished: bool
+
+
+@dataclass
+class SideTimes:
+    busy: float = 0.0
+    idle: float = 0.0
+
+
+async def run_pipelined(request: SpeculativeRequest, verifier: TargetVerifier,
+                        proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
+    """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
+    rng = np.random.default_rng(request.params.seed)
+    committed = list(request.prompt)
+    start = time.perf_counter()
+    first = request.finish([await verifier.prefill(committed, rng)])
+    committed += first
+    request.metrics.prefill_time = time.perf_counter() - start
+    yield first
+    if request.finish_reason is not None:
+        return
+    # The drafter samples with its own generator so the two tasks never share RNG state.
+    draft_rng = np.random.default_rng(rng.integers(2**63))
+    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
+    async with anyio.create_task_group() as group:
+        group.start_soon(_pipeline, request, verifier, proposer, committed, rng, draft_rng, out_send)
+        async with out_recv:
+            async for tokens in out_recv:
+                yield tokens
+
+
+async def _pipeline(request: SpeculativeRequest, verifier: TargetVerifier, proposer: DraftProposer | None,
+                    committed: list[int], rng: np.random.Generator, draft_rng: np.random.Generator,
+                    out_send: ObjectSendStream[list[int]]) -> None:
+    block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
+    verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
+    times = {"draft": SideTimes(), "verify": SideTimes()}
+    async with out_send, anyio.create_task_group() as group:
+        if proposer is not None:
+            group.start_soon(_drafter, request, proposer, list(committed), draft_rng, block_send, verdict_recv,
+                             times["draft"])
+        else:
+            block_send.close()
+        await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
+        group.cancel_scope.cancel()  # the request is finished: stop drafting at once
+    request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
+    request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
+
+
+async def _verifier(request: SpeculativeRequest, verifier: TargetVerifier, committed: list[int],
+                    rng: np.random.Generator, blocks: ObjectReceiveStream[DraftBlock],
+                    verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[list[int]],
+                    times: SideTimes) -> None:
+    epoch = 0
+    drafts_open = True
+    async with verdicts:
+        while request.finish_reason is None:
+            waited = time.perf_counter()
+            block = None
+            if drafts_open:
+                try:
+                    block = await blocks.receive()
+                except anyio.EndOfStream:
+                    drafts_open = False  # the drafter is gone: plain decoding from here
+            if block is None:
+                block = DraftBlock([], np.zeros((0, 0)), len(committed), epoch)
+            elif block.epoch != epoch:
+                continue  # drafted before the last divergence: never verified, never emitted
+            started = time.perf_counter()
+            times.idle += started - waited
+            if block.base_length != len(committed):
+                raise RuntimeError(f"block extends {block.base_length} tokens but {len(committed)} are committed")
+            verdict = await verifier.verify(committed, block, rng, defer_bonus=True)
+            verified = time.perf_counter()
+            times.busy += verified - started
+            request.verified(block, verdict, block.draft_seconds, verified - started, drafts_open)
+            emitted = request.finish(verdict.emitted)
+            committed += emitted
+            if verdict.diverged:
+                epoch += 1
+            await out.send(emitted)
+            if drafts_open:
+                try:
+                    await verdicts.send(VerdictMessage(epoch, emitted, verdict.accepted,
+                                                       request.finish_reason is not None))
+                except anyio.BrokenResourceError:
+                    drafts_open = False  # the drafter failed after sending this block
+
+
+async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committed: list[int],
+                   rng: np.random.Generator, blocks: ObjectSendStream[DraftBlock],
+                   verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes) -> None:
+    rid = request.request_id
+    epoch = 0
+    sequence = list(committed)  # committed + drafted-but-unverified tokens
+    in_flight: list[int] = []  # sizes of sent, unverified blocks
+
+    def apply(verdict: VerdictMessage) -> None:
+        nonlocal epoch, sequence
+        committed.extend(verdict.emitted)
+        in_flight.pop(0)
+        if verdict.epoch != epoch:
+            epoch = verdict.epoch
+            in_flight.clear()
+            proposer.accept(rid, len(committed) - len(verdict.emitted) + verdict.accepted)
+            sequence = list(committed)
+
+    async with blocks, verdicts:
+        try:
+            while True:
+                while True:  # take every verdict that has arrived
+                    try:
+                        apply(verdicts.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                if len(in_flight) >= MAX_BLOCKS_AHEAD:
+                    waited = time.perf_counter()
+                    apply(await verdicts.receive())
+                    times.idle += time.perf_counter() - waited
+                    continue
+                k = max(request.controller.choose(), 1)
+                started = time.perf_counter()
+                block = await proposer.propose(
+                    rid, sequence, k, request.params, request.threshold, rng,
+                    interrupted=lambda: verdicts.statistics().current_buffer_used > 0)
+                block.epoch = epoch
+                block.draft_seconds = time.perf_counter() - started
+                times.busy += block.draft_seconds
+                pending = []
+                while True:
+                    try:
+                        pending.append(verdicts.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                for verdict in pending:
+                    apply(verdict)
+                if block.epoch != epoch or not block.tokens:
+                    continue  # overtaken by a divergence while drafting: discard
+                request.drafted(block)
+                sequence += block.tokens
+                in_flight.append(block.k)
+                waited = time.perf_counter()
+                await blocks.send(block)
+                times.idle += time.perf_counter() - waited
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the verifier finished
+        except Exception as exc:
+            log.exception("draft model failed in request %s; continuing with plain decoding", rid)
+            request.draft_failed(f"draft failed: {exc}")
