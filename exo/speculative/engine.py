@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import numpy as np
@@ -41,6 +43,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.node_id = node_id
         self.metrics = SpeculativeMetrics()
         self.last_request: SpeculativeRequest | None = None
+        self.requests: OrderedDict[str, SpeculativeRequest] = OrderedDict()  # live + recently finished
         self._draft_shard: Shard | None = None
         self._draft_for: str | None = None
         self._retry_at = 0.0
@@ -134,10 +137,15 @@ class SpeculativeInferenceEngine(InferenceEngine):
         if config.enabled and proposer is None:
             request.draft_failed("draft model unavailable")
         self.last_request = request
+        self.requests[request_id] = request
+        while len(self.requests) > 256:
+            self.requests.popitem(last=False)
         try:
             scheduler = run_pipelined if config.pipelined else run_sequential
-            async for tokens in scheduler(request, TargetVerifier(self.target, shard, request_id, params), proposer):
-                yield tokens
+            verifier = TargetVerifier(self.target, shard, request_id, params)
+            async with aclosing(scheduler(request, verifier, proposer)) as blocks:
+                async for tokens in blocks:
+                    yield tokens
         finally:
             self.free_cache(request_id)
             self.metrics.merge(request.metrics)

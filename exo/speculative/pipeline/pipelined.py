@@ -61,11 +61,30 @@ async def run_pipelined(request: SpeculativeRequest, verifier: TargetVerifier,
     # The drafter samples with its own generator so the two tasks never share RNG state.
     draft_rng = np.random.default_rng(rng.integers(2**63))
     out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
-    async with anyio.create_task_group() as group:
-        group.start_soon(_pipeline, request, verifier, proposer, committed, rng, draft_rng, out_send)
-        async with out_recv:
-            async for tokens in out_recv:
-                yield tokens
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_pipeline, request, verifier, proposer, committed, rng, draft_rng, out_send)
+            async with out_recv:
+                async for tokens in out_recv:
+                    yield tokens
+    except BaseExceptionGroup as group_error:
+        raise single_error(group_error) from None
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one real failure inside (nested) task-group errors, so callers see a plain error."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+    return (real or leaves)[0]
 
 
 async def _pipeline(request: SpeculativeRequest, verifier: TargetVerifier, proposer: DraftProposer | None,

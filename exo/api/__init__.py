@@ -1,0 +1,1 @@
+"""ChatGPT-compatible HTTP API (Starlette on uvicorn, msgspec schemas)."""

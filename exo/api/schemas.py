@@ -1,0 +1,83 @@
+"""Request and response bodies of the OpenAI-compatible API, as msgspec Structs."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+
+class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
+    type: str
+    text: str = ""
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=False):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if part.type == "text")
+
+
+class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
+    """The per-request `speculative` object: any subset of SpeculativeConfig's fields."""
+
+    enabled: bool | None = None
+    draft_tokens: int | None = None
+    draft_model: str | None = None
+    acceptance_threshold: float | None = None
+    max_speculation_depth: int | None = None
+    adaptive_speculation: bool | None = None
+    pipelined: bool | None = None
+
+    def fields(self) -> dict:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+
+
+class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    speculative: SpeculativeOverrides | None = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = []
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]] = ""
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    speculative: dict | None = None  # drafted, accepted, acceptance_rate, mean_accepted_length
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody

@@ -1,0 +1,1 @@
+"""The node: owns engines and requests, fires callbacks, broadcasts status."""

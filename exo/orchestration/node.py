@@ -1,0 +1,135 @@
+"""An Exo node (single-node form): requests in, tokens out, events to subscribers.
+
+Upstream-compatible in spirit: `process_prompt` / `process_tensor`, per-request token
+buffers, `on_token(request_id, tokens, is_finished)` callbacks (several tokens per call
+when a speculative block verifies several), and `broadcast_opaque_status`. The API drives
+`generate`, an async iterator that stops (and frees caches) when its consumer goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections import deque
+from contextlib import aclosing
+from typing import AsyncIterator, Callable
+
+import anyio
+import msgspec
+import numpy as np
+
+from exo.inference.engine import InferenceEngine
+from exo.inference.generate import GenerationParams
+from exo.inference.shard import Shard
+from exo.speculative.config import SpeculativeConfig
+from exo.speculative.engine import SpeculativeInferenceEngine
+from exo.speculative.events import EventBus
+
+log = logging.getLogger("exo.node")
+TokenCallback = Callable[[str, list[int], bool], None]
+StatusCallback = Callable[[str, str], None]
+
+
+class Node:
+    def __init__(self, node_id: str, engine_pair: Callable[[], tuple[InferenceEngine, InferenceEngine]],
+                 config: SpeculativeConfig, default_model: str, *, max_generate_tokens: int = 1024,
+                 default_temperature: float = 0.0, recent_window: int = 32):
+        self.id = node_id
+        self.config = config
+        self.default_model = default_model
+        self.max_generate_tokens = max_generate_tokens
+        self.default_temperature = default_temperature
+        self.events = EventBus()
+        self.engine = SpeculativeInferenceEngine(*engine_pair(), config, events=self.events, node_id=node_id)
+        self.buffered_token_output: dict[str, tuple[list[int], bool]] = {}
+        self.on_token: list[TokenCallback] = []
+        self.on_opaque_status: list[StatusCallback] = []
+        self.recent: deque[dict] = deque(maxlen=recent_window)
+        self._model_lock = anyio.Lock()  # serialises model switches
+        self._active = 0
+        self._idle = anyio.Condition()
+        self._shard: Shard | None = None
+
+    # -- models --------------------------------------------------------------------------
+    async def shard_for(self, model_id: str | None) -> Shard:
+        """Load `model_id` (waiting for in-flight requests on another model to finish)."""
+        model_id = model_id or self.default_model
+        async with self._model_lock:
+            if self._shard is None or self._shard.model_id != model_id:
+                async with self._idle:
+                    while self._active:
+                        await self._idle.wait()
+                shard = await self.engine.full_shard(model_id)
+                await self.engine.target.ensure_shard(shard)
+                self._shard = shard
+            return self._shard
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # -- generation ----------------------------------------------------------------------
+    async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,
+                       config: SpeculativeConfig | None = None,
+                       request_id: str | None = None) -> AsyncIterator[list[int]]:
+        request_id = request_id or uuid.uuid4().hex
+        shard = await self.shard_for(model_id)
+        self._active += 1
+        try:
+            stream = self.engine.generate(shard, prompt, params, config or self.config, request_id)
+            async with aclosing(stream) as blocks:
+                async for tokens in blocks:
+                    finished = self.engine.requests[request_id].finish_reason is not None
+                    self._fire_tokens(request_id, tokens, finished)
+                    yield tokens
+            request = self.engine.requests[request_id]
+            self.recent.append({"request_id": request_id, "model": shard.model_id,
+                                **msgspec.to_builtins(self.engine.request_metrics(request))})
+        finally:
+            self.buffered_token_output.pop(request_id, None)
+            self._active -= 1
+            async with self._idle:
+                self._idle.notify_all()
+
+    def _fire_tokens(self, request_id: str, tokens: list[int], finished: bool) -> None:
+        buffered, _ = self.buffered_token_output.get(request_id, ([], False))
+        buffered += tokens
+        self.buffered_token_output[request_id] = (buffered, finished)
+        for callback in list(self.on_token):
+            try:
+                callback(request_id, tokens, finished)
+            except Exception:  # a broken subscriber must not break generation; it is logged
+                log.exception("on_token callback failed")
+
+    # -- upstream-style entry points -----------------------------------------------------------
+    async def process_prompt(self, shard: Shard, prompt: str, request_id: str | None = None,
+                             inference_state: dict | None = None) -> list[int]:
+        """Encode and generate to completion with node defaults; tokens flow through on_token."""
+        ids = self.engine.tokenizer.encode(prompt) if self.engine.tokenizer else None
+        if ids is None:
+            await self.shard_for(shard.model_id)
+            ids = self.engine.tokenizer.encode(prompt)
+        params = GenerationParams(max_tokens=self.max_generate_tokens, temperature=self.default_temperature)
+        out: list[int] = []
+        async with aclosing(self.generate(shard.model_id, ids, params, request_id=request_id)) as blocks:
+            async for tokens in blocks:
+                out += tokens
+        return out
+
+    async def process_tensor(self, shard: Shard, tensor: np.ndarray, request_id: str | None = None,
+                             inference_state: dict | None = None) -> np.ndarray:
+        """One forward pass of `tensor` through this node's shard (ring building block)."""
+        await self.shard_for(shard.model_id)
+        out, _ = await self.engine.target.infer_tensor(request_id or uuid.uuid4().hex, shard, tensor,
+                                                       inference_state)
+        return out
+
+    async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
+        """Fire local status callbacks (single node: there are no peers to send to)."""
+        json.loads(status)  # statuses are JSON strings with a "type" key, as upstream
+        for callback in list(self.on_opaque_status):
+            callback(request_id, status)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,44 @@
+"""A real node + API served by uvicorn on a free loopback port, in a background thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import uvicorn
+
+from exo.api.chatgpt_api import ChatGPTAPI
+from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.orchestration.node import Node
+from exo.speculative.config import SpeculativeConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_api(default_model: str, config: SpeculativeConfig, **node_options) -> Iterator[tuple[str, Node]]:
+    node = Node("test-node", lambda: (MLXInferenceEngine(), MLXInferenceEngine()), config, default_model,
+                **node_options)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(ChatGPTAPI(node, disconnect_poll_s=0.05).app, host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("API server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", node
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        node.close()
