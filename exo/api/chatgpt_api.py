@@ -125,7 +125,8 @@ class ChatGPTAPI:
         return self.node.tokenizer
 
     def _settings(self, body: Any):
-        max_tokens = body.max_completion_tokens or body.max_tokens or self.node.max_generate_tokens
+        max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
+                          self.node.max_generate_tokens)
         try:
             params = GenerationParams(
                 max_tokens=max_tokens,

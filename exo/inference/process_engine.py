@@ -129,6 +129,9 @@ class ProcessInferenceEngine(InferenceEngine):
 
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        if self._offsets.get(request_id) and not (self._process is not None and self._process.is_alive()):
+            self._kill()
+            raise EngineProcessError(f"engine process died; the KV cache of request {request_id!r} is lost")
         await self.ensure_shard(shard)
         reply = await self._call(Call("infer", request_id, array=Array.of(np.asarray(input_data)),
                                       state=inference_state))

@@ -54,6 +54,9 @@ class DraftProposer:
             logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
             row = logits.reshape(-1, logits.shape[-1])[-1]
             if threshold > 0 and i > 0 and _top_probability(row) < threshold:
+                # The cache now holds the last drafted token too; keep the invariant that the
+                # final token of a block is unseen by the draft, so the next call has input.
+                rollback_to(self.engine, request_id, self.engine.cache_offset(request_id) - 1)
                 break
             probs = warp(row, params.temperature, params.top_k, params.top_p)
             token = int(np.argmax(probs)) if params.temperature == 0 else sample(probs, rng)
@@ -70,5 +73,4 @@ class DraftProposer:
 
 
 def _top_probability(logits: np.ndarray) -> float:
-    z = logits.astype(np.float64) - logits.max()
-    return float(1.0 / np.exp(z).sum())
+    return float(1.0 / np.exp(logits - logits.max()).sum())

@@ -163,36 +163,36 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
             proposer.accept(rid, len(committed) - len(verdict.emitted) + verdict.accepted)
             sequence = list(committed)
 
+    def drain() -> bool:
+        """Apply every verdict that has arrived; True if one moved to a new epoch."""
+        before = epoch
+        while True:
+            try:
+                apply(verdicts.receive_nowait())
+            except anyio.WouldBlock:
+                return epoch != before
+
     async with blocks, verdicts:
         try:
             while True:
-                while True:  # take every verdict that has arrived
-                    try:
-                        apply(verdicts.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
+                drain()
                 if len(in_flight) >= MAX_BLOCKS_AHEAD:
                     waited = time.perf_counter()
                     apply(await verdicts.receive())
                     times.idle += time.perf_counter() - waited
                     continue
                 k = max(request.controller.choose(), 1)
+                start_epoch = epoch
                 started = time.perf_counter()
-                block = await proposer.propose(
-                    rid, sequence, k, request.params, request.threshold, rng,
-                    interrupted=lambda: verdicts.statistics().current_buffer_used > 0)
-                block.epoch = epoch
+                # A verdict that only confirms earlier blocks leaves this one valid; a
+                # divergence makes it moot, so stop drafting it at once.
+                block = await proposer.propose(rid, sequence, k, request.params, request.threshold, rng,
+                                               interrupted=drain)
+                block.epoch = start_epoch
                 block.draft_seconds = time.perf_counter() - started
                 times.busy += block.draft_seconds
-                pending = []
-                while True:
-                    try:
-                        pending.append(verdicts.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                for verdict in pending:
-                    apply(verdict)
-                if block.epoch != epoch or not block.tokens:
+                drain()
+                if start_epoch != epoch or not block.tokens:
                     continue  # overtaken by a divergence while drafting: discard
                 request.drafted(block)
                 sequence += block.tokens
