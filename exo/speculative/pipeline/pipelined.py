@@ -181,7 +181,18 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                     apply(await verdicts.receive())
                     times.idle += time.perf_counter() - waited
                     continue
-                k = max(request.controller.choose(), 1)
+                k = request.controller.choose()
+                if k == 0:
+                    # Speculation does not pay right now: ask for one plain step and wait for it
+                    # rather than burn shared compute and memory bandwidth on doomed drafts.
+                    plain = DraftBlock([], np.zeros((0, 0)), len(sequence), epoch)
+                    in_flight.append(0)
+                    await blocks.send(plain)
+                    waited = time.perf_counter()
+                    while in_flight:
+                        apply(await verdicts.receive())
+                    times.idle += time.perf_counter() - waited
+                    continue
                 start_epoch = epoch
                 started = time.perf_counter()
                 # A verdict that only confirms earlier blocks leaves this one valid; a
