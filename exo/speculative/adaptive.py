@@ -23,12 +23,30 @@ class Ema:
         return self.value
 
 
+class DecayedRate:
+    """Acceptance rate as a forgetting Beta estimate: starts at the prior with the weight of
+    `prior_weight` observations, so one early rejection cannot shut a position off for good."""
+
+    def __init__(self, prior: float = PRIOR_ACCEPTANCE, prior_weight: float = 2.0, decay: float = 0.9):
+        self.hits, self.misses, self.decay = prior * prior_weight, (1 - prior) * prior_weight, decay
+        self.observed = False
+
+    def update(self, accepted: bool) -> None:
+        self.hits = self.hits * self.decay + accepted
+        self.misses = self.misses * self.decay + (not accepted)
+        self.observed = True
+
+    @property
+    def value(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+
 class AdaptiveK:
     def __init__(self, max_depth: int, initial_k: int, adaptive: bool = True, probe_every: int = 20,
                  smoothing: float = 0.15, warmup_steps: int = 3):
         self.max_depth, self.initial_k, self.adaptive = max_depth, initial_k, adaptive
         self.probe_every, self.warmup_steps = probe_every, warmup_steps
-        self.acceptance = [Ema(smoothing) for _ in range(max_depth)]
+        self.acceptance = [DecayedRate() for _ in range(max_depth)]
         self.draft_step = Ema(smoothing)  # seconds per drafted token
         self.verify = {}  # input length -> Ema of target seconds
         self.steps = 0
@@ -37,7 +55,7 @@ class AdaptiveK:
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.steps += 1
         for i in range(min(k, accepted + 1)):
-            self.acceptance[i].update(1.0 if i < accepted else 0.0)
+            self.acceptance[i].update(i < accepted)
         if k:
             self.draft_step.update(draft_s / k)
             self.since_speculation = 0
@@ -46,9 +64,10 @@ class AdaptiveK:
         self.verify.setdefault(k + 1, Ema(0.15)).update(verify_s)
 
     def acceptance_at(self, i: int) -> float:
-        for ema in reversed(self.acceptance[: i + 1]):
-            if ema.value is not None:
-                return ema.value
+        """Position i's estimate; a never-tried position borrows the deepest tried one's."""
+        for rate in reversed(self.acceptance[: i + 1]):
+            if rate.observed:
+                return rate.value
         return PRIOR_ACCEPTANCE
 
     def verify_cost(self, length: int) -> float | None:
