@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from exo.inference.generate import GenerationParams
 from exo.speculative.adaptive import AdaptiveK
@@ -14,7 +15,7 @@ from exo.speculative.events import (
 )
 from exo.speculative.metrics import SpeculativeMetrics
 from exo.speculative.proposer import DraftBlock
-from exo.speculative.verifier import Verdict
+from exo.speculative.verifier import TargetVerifier, Verdict
 
 
 @dataclass
@@ -32,6 +33,13 @@ class SpeculativeRequest:
     node_id: str = ""
     shard_label: str = ""
     blocks: int = 0
+
+    async def prefill(self, verifier: TargetVerifier, rng: np.random.Generator) -> list[int]:
+        """Process the prompt and commit the first token; returns the committed sequence."""
+        start = time.perf_counter()
+        first = self.finish([await verifier.prefill(self.prompt, rng)])
+        self.metrics.prefill_time = time.perf_counter() - start
+        return [*self.prompt, *first]
 
     def publish(self, event_type: type, **fields) -> None:
         if self.events is not None:

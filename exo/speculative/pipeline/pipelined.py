@@ -50,12 +50,8 @@ async def run_pipelined(request: SpeculativeRequest, verifier: TargetVerifier,
                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
     rng = np.random.default_rng(request.params.seed)
-    committed = list(request.prompt)
-    start = time.perf_counter()
-    first = request.finish([await verifier.prefill(committed, rng)])
-    committed += first
-    request.metrics.prefill_time = time.perf_counter() - start
-    yield first
+    committed = await request.prefill(verifier, rng)
+    yield committed[len(request.prompt):]
     if request.finish_reason is not None:
         return
     # The drafter samples with its own generator so the two tasks never share RNG state.

@@ -23,13 +23,9 @@ async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
                          proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens (1..K+1 per yield)."""
     rid, params = request.request_id, request.params
-    rng = np.random.default_rng(params.seed)
-    committed = list(request.prompt)
-    start = time.perf_counter()
-    first = request.finish([await verifier.prefill(committed, rng)])
-    committed += first
-    request.metrics.prefill_time = time.perf_counter() - start
-    yield first
+    rng = np.random.default_rng(request.params.seed)
+    committed = await request.prefill(verifier, rng)
+    yield committed[len(request.prompt):]
     while request.finish_reason is None:
         k = request.controller.choose() if proposer is not None else 0
         block = DraftBlock([], np.zeros((0, 0)), len(committed))
