@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-from exo.inference.detokenize import StreamingDetokenizer
 from exo.inference.generate import GenerationParams
 from exo.inference.placement import PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
+from exo.inference.text_stream import TextStream
 from exo.models import UnknownModelError
 from exo.speculative.config import ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
@@ -64,10 +64,10 @@ async def run_command(args: argparse.Namespace) -> int:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
-    except ValueError as exc:
+        engine = SpeculativeInferenceEngine(*make_engine_pair(args.placement), config)
+    except ValueError as exc:  # ConfigError is a ValueError
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
-    engine = SpeculativeInferenceEngine(*make_engine_pair(args.placement), config)
     try:
         return await _generate(args, engine, params, config)
     finally:
@@ -85,30 +85,35 @@ async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine
     tokenizer = engine.tokenizer
     text = args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
     prompt_ids = tokenizer.encode(text)
-    detok = StreamingDetokenizer(tokenizer, skip_ids=tokenizer.eos_token_ids)
+    text_stream = TextStream(tokenizer, [], tokenizer.eos_token_ids)
     started = time.perf_counter()
     first_at = None
     tokens: list[int] = []
+    pieces: list[str] = []
     async for block in engine.generate(shard, prompt_ids, params):
         first_at = first_at or time.perf_counter()
         tokens += block
-        piece = detok.add(block)
+        pieces += [text_stream.push(token) for token in block]
         if not args.json:
-            sys.stdout.write(piece)
+            sys.stdout.write("".join(pieces[-len(block):]))
             sys.stdout.flush()
+    pieces.append(text_stream.flush())
     decode_s = time.perf_counter() - first_at
     rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0
     request = engine.last_request
     metrics = engine.get_metrics()["last_request"]
     if args.json:
         print(json.dumps({
-            "model": args.model, "text": detok.text, "token_ids": tokens, "finish_reason": request.finish_reason,
+            "model": args.model, "text": "".join(pieces), "token_ids": tokens,
+            "finish_reason": request.finish_reason,
             "prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
             "prefill_seconds": round(first_at - started, 4), "decode_tokens_per_second": round(rate, 3),
             "speculative": config.enabled, "metrics": metrics,
         }))
     else:
-        summary = f"{len(prompt_ids)} prompt tokens, prefill {first_at - started:.2f} s; {len(tokens)} tokens, {rate:.2f} tokens/s"
+        sys.stdout.write(pieces[-1])
+        summary = (f"{len(prompt_ids)} prompt tokens, prefill {first_at - started:.2f} s; "
+                   f"{len(tokens)} tokens, {rate:.2f} tokens/s")
         if config.enabled:
             summary += (f"; acceptance {metrics['acceptance_rate']:.0%}, "
                         f"{metrics['mean_accepted_length']:.2f} tokens/verify")

@@ -40,3 +40,14 @@ def test_choice_tracks_per_position_acceptance():
     # The first two positions are always right, the third never: K=2 is best.
     k = feed(c, 40, lambda i: 1.0 if i < 2 else 0.0, draft_cost=0.2, verify_cost=lambda n: 1 + 0.1 * (n - 1))
     assert k == 2
+
+
+def test_new_request_inherits_measured_costs_and_skips_warmup():
+    first = AdaptiveK(max_depth=8, initial_k=4)
+    feed(first, 10, lambda i: 1.0, draft_cost=0.05, verify_cost=lambda n: 1 + 0.1 * (n - 1))
+    second = AdaptiveK(max_depth=8, initial_k=4)
+    assert second.choose() == 4  # warm-up at the configured K
+    second.inherit_costs(first)
+    rates = {k: second.expected_rate(k) for k in range(9)}
+    assert None not in rates.values()  # costs are known before this request measured anything
+    assert second.choose() == max(rates, key=rates.get) == 3  # prior acceptance 0.7, cheap draft

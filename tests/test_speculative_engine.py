@@ -136,8 +136,6 @@ async def test_incompatible_tokenizer_is_refused(tiny_llama, smollm2_dir):
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny_llama_other, pipelined):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
-    from itertools import product
-
     from exo.speculative.sampling import warp
 
     prompt = [10, 20, 30]

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
-from exo.api.text_stream import TextStream
+from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
 from exo.inference.sources import ModelSourceError
 from exo.models import CARDS, UnknownModelError

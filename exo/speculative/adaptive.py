@@ -104,6 +104,14 @@ class AdaptiveK:
             tau += survive
         return tau / (k * (self.draft_step.value or 0.0) + verify)
 
+    def inherit_costs(self, previous: "AdaptiveK") -> None:
+        """Start from another request's measured costs (they belong to the hardware and the
+        models, not to the text), so a new request needs no warm-up blocks at a fixed K."""
+        if previous.draft_step.value is not None and previous.verify:
+            self.draft_step = Ema(self.draft_step.weight, previous.draft_step.value)
+            self.verify = {n: Ema(e.weight, e.value) for n, e in previous.verify.items()}
+            self.warmup_steps = 0
+
     def choose(self) -> int:
         if not self.adaptive or self.steps < self.warmup_steps:
             return self.initial_k

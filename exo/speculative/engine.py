@@ -15,15 +15,15 @@ from collections import OrderedDict
 from contextlib import aclosing
 from typing import AsyncIterator
 
-import numpy as np
+import msgspec
 
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
+from exo.speculative.config import SpeculativeConfig, choose_draft
 from exo.speculative.events import EventBus
-from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
 from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.pipeline.pipelined import run_pipelined
@@ -49,6 +49,8 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self._retry_at = 0.0
         self._backoff = RETRY_BACKOFF_S[0]
         self._plain_step_time: float | None = None
+        self._last_controller: AdaptiveK | None = None  # measured costs carry over to new requests
+        self._last_pipelined = False
         self.draft_load_failures = 0
 
     # -- the engine interface: tensors go to the target ------------------------------
@@ -130,7 +132,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
             request_id, list(prompt), params,
             self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
             config.acceptance_threshold,
-            AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation),
+            self._controller(config),
             events=self.events, node_id=self.node_id,
             shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
         )
@@ -151,11 +153,17 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.metrics.merge(request.metrics)
             if request.controller.plain_step_time():
                 self._plain_step_time = request.controller.plain_step_time()
+            if request.controller.draft_step.value is not None:
+                self._last_controller, self._last_pipelined = request.controller, config.pipelined
+
+    def _controller(self, config: SpeculativeConfig) -> AdaptiveK:
+        controller = AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation)
+        if self._last_controller is not None and config.pipelined == self._last_pipelined:
+            controller.inherit_costs(self._last_controller)
+        return controller
 
     def get_metrics(self) -> dict:
         """Totals over every finished request (plus `last_request` for the latest one)."""
-        import msgspec
-
         totals = msgspec.to_builtins(self.metrics.snapshot(self._plain_step_time))
         totals["draft_load_failures"] = self.draft_load_failures
         if self.last_request is not None:

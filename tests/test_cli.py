@@ -1,0 +1,47 @@
+"""The `exo` command line, run as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def exo(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "exo.main", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_json_plain_and_speculative_agree(tiny_llama, tiny_llama_other):
+    plain = exo("run", str(tiny_llama), "--prompt", "hi", "--max-tokens", "9", "--json")
+    assert plain.returncode == 0, plain.stderr
+    spec = exo("run", str(tiny_llama), "--prompt", "hi", "--max-tokens", "9", "--json", "--enable-speculative",
+               "--draft-model", str(tiny_llama_other), "--draft-tokens", "3", "--seed", "1")
+    assert spec.returncode == 0, spec.stderr
+    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 9
+    assert a["finish_reason"] == "length" and a["text"] == b["text"]
+    assert b["speculative"] is True and b["metrics"]["drafted_tokens"] > 0
+    assert "openblas" in plain.stderr.lower()  # the BLAS choice is logged once
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["run", "no-such-model"], "unknown model"),
+    (["run", "smollm2-135m", "--temp", "-1"], "temperature"),
+    (["run", "smollm2-135m", "--enable-speculative", "--draft-tokens", "50"], "draft_tokens"),
+])
+def test_bad_input_is_a_clear_error_without_traceback(args, fragment):
+    done = exo(*args)
+    assert done.returncode == 2
+    assert fragment in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_documents_every_node_flag():
+    text = exo("--help").stdout
+    for flag in ["--inference-engine", "--default-model", "--enable-speculative", "--pipelined", "--draft-model",
+                 "--draft-tokens", "--speculative-threshold", "--max-speculation-depth", "--chatgpt-api-port",
+                 "--node-id", "--default-temp", "--max-generate-tokens"]:
+        assert flag in text
+    run_text = exo("run", "--help").stdout
+    for flag in ["--enable-speculative", "--draft-model", "--draft-tokens", "--speculative-threshold",
+                 "--max-speculation-depth", "--seed", "--json", "--max-tokens", "--temp", "--top-p"]:
+        assert flag in run_text

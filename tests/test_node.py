@@ -1,0 +1,41 @@
+"""The node's upstream-style entry points: process_prompt, callbacks, buffers, status."""
+
+import json
+
+import numpy as np
+
+from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.orchestration.node import Node
+from exo.speculative.config import SpeculativeConfig
+
+
+def make_node(model_dir, draft_dir, **config):
+    return Node("n1", lambda: (MLXInferenceEngine(), MLXInferenceEngine()),
+                SpeculativeConfig(draft_model=str(draft_dir), **config), str(model_dir), max_generate_tokens=12)
+
+
+async def test_process_prompt_fires_multi_token_callbacks(tiny_llama):
+    node = make_node(tiny_llama, tiny_llama, enabled=True, draft_tokens=3, adaptive_speculation=False,
+                     acceptance_threshold=0)
+    calls = []
+    node.on_token.append(lambda rid, tokens, finished: calls.append((rid, list(tokens), finished)))
+    shard = await node.shard_for(None)
+    out = await node.process_prompt(shard, "hello", request_id="r1")
+    assert len(out) == 12 and [t for _, tokens, _ in calls for t in tokens] == out
+    assert any(len(tokens) > 1 for _, tokens, _ in calls)  # several tokens per speculative step
+    assert calls[-1][2] is True and all(rid == "r1" for rid, _, _ in calls)
+    assert "r1" not in node.buffered_token_output  # buffers are released with the request
+    assert node.recent[-1]["request_id"] == "r1" and node.recent[-1]["acceptance_rate"] == 1.0
+    node.close()
+
+
+async def test_process_tensor_and_status(tiny_llama):
+    node = make_node(tiny_llama, tiny_llama)
+    shard = await node.shard_for(None)
+    logits = await node.process_tensor(shard, np.asarray([[1, 2, 3]]), request_id="t")
+    assert logits.shape == (1, 3, 320)
+    seen = []
+    node.on_opaque_status.append(lambda rid, status: seen.append((rid, json.loads(status)["type"])))
+    await node.broadcast_opaque_status("t", json.dumps({"type": "kv_rollback", "keep": 2}))
+    assert seen == [("t", "kv_rollback")]
+    node.close()
