@@ -51,3 +51,11 @@ def test_new_request_inherits_measured_costs_and_skips_warmup():
     rates = {k: second.expected_rate(k) for k in range(9)}
     assert None not in rates.values()  # costs are known before this request measured anything
     assert second.choose() == max(rates, key=rates.get) == 3  # prior acceptance 0.7, cheap draft
+
+
+def test_trusted_depth_counts_leading_positions_above_threshold():
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    assert c.trusted_depth(0.8) == 0  # nothing measured yet
+    for _ in range(20):
+        c.observe(4, 2, 0.4, 1.0)  # positions 0 and 1 always accepted, position 2 rejected
+    assert c.trusted_depth(0.8) == 2

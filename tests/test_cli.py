@@ -45,3 +45,17 @@ def test_help_documents_every_node_flag():
     for flag in ["--enable-speculative", "--draft-model", "--draft-tokens", "--speculative-threshold",
                  "--max-speculation-depth", "--seed", "--json", "--max-tokens", "--temp", "--top-p"]:
         assert flag in run_text
+
+
+def test_blas_choice_is_logged_and_the_slow_path_says_how_to_fix_it(tiny_llama):
+    import os
+
+    env = {**os.environ, "EXO_BLAS": "none"}
+    done = subprocess.run([sys.executable, "-m", "exo.main", "run", str(tiny_llama), "--max-tokens", "2", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "bundled reference BLAS" in done.stderr
+    from exo.blas import FIX_HINT, BlasChoice, select_blas
+
+    assert "libopenblas0-pthread" in FIX_HINT
+    assert isinstance(select_blas(), BlasChoice)  # idempotent: the first choice is kept

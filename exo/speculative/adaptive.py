@@ -90,6 +90,15 @@ class AdaptiveK:
             (n0, v0), slope = known[0], known[0][1] * PRIOR_VERIFY_SLOPE / (1 + PRIOR_VERIFY_SLOPE * (known[0][0] - 1))
         return max(v0 + slope * (length - n0), 1e-6)
 
+    def trusted_depth(self, threshold: float) -> int:
+        """Leading positions whose measured acceptance is at least `threshold`: there a
+        low draft confidence is no reason to stop drafting."""
+        depth = 0
+        while depth < self.max_depth and self.acceptance[depth].observed \
+                and self.acceptance[depth].value >= threshold:
+            depth += 1
+        return depth
+
     def plain_step_time(self) -> float | None:
         return self.verify_cost(1)
 

@@ -34,12 +34,13 @@ class DraftProposer:
 
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
                       threshold: float, rng: np.random.Generator,
-                      interrupted: Callable[[], bool] = lambda: False) -> DraftBlock:
+                      interrupted: Callable[[], bool] = lambda: False, trusted: int = 0) -> DraftBlock:
         """Draft up to `k` tokens after `committed`.
 
         Stops early once the draft's own top probability drops below `threshold` (a guess
-        it is likely to lose), or when `interrupted()` says a verdict may have made the
-        block moot.
+        it is likely to lose) at a position past the first `trusted` ones (where the draft
+        has recently been accepted at least that often anyway), or when `interrupted()`
+        says a verdict may have made the block moot.
         """
         held = self.engine.cache_offset(request_id)
         pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
@@ -53,7 +54,7 @@ class DraftProposer:
                 break
             logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
             row = logits.reshape(-1, logits.shape[-1])[-1]
-            if threshold > 0 and i > 0 and _top_probability(row) < threshold:
+            if threshold > 0 and i >= max(trusted, 1) and _top_probability(row) < threshold:
                 # The cache now holds the last drafted token too; keep the invariant that the
                 # final token of a block is unseen by the draft, so the next call has input.
                 rollback_to(self.engine, request_id, self.engine.cache_offset(request_id) - 1)

@@ -194,7 +194,8 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                 # A verdict that only confirms earlier blocks leaves this one valid; a
                 # divergence makes it moot, so stop drafting it at once.
                 block = await proposer.propose(rid, sequence, k, request.params, request.threshold, rng,
-                                               interrupted=drain)
+                                               interrupted=drain,
+                                               trusted=request.controller.trusted_depth(request.threshold))
                 block.epoch = start_epoch
                 block.draft_seconds = time.perf_counter() - started
                 times.busy += block.draft_seconds

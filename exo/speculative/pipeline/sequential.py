@@ -32,7 +32,8 @@ async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
         started = time.perf_counter()
         if k:
             try:
-                block = await proposer.propose(rid, committed, k, params, request.threshold, rng)
+                block = await proposer.propose(rid, committed, k, params, request.threshold, rng,
+                                               trusted=request.controller.trusted_depth(request.threshold))
                 request.drafted(block)
             except Exception as exc:
                 log.exception("draft model failed in request %s; continuing with plain decoding", rid)
