@@ -18,10 +18,10 @@ def test_run_json_plain_and_speculative_agree(tiny_llama, tiny_llama_other):
                "--draft-model", str(tiny_llama_other), "--draft-tokens", "3", "--seed", "1")
     assert spec.returncode == 0, spec.stderr
     a, b = json.loads(plain.stdout), json.loads(spec.stdout)
-    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 9
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 9, (a, b, spec.stderr)
     assert a["finish_reason"] == "length" and a["text"] == b["text"]
-    assert b["speculative"] is True and b["metrics"]["drafted_tokens"] > 0
-    assert "openblas" in plain.stderr.lower()  # the BLAS choice is logged once
+    assert b["speculative"] is True and b["metrics"]["drafted_tokens"] > 0, (b, spec.stderr)
+    assert "openblas" in plain.stderr.lower(), plain.stderr  # the BLAS choice is logged once
 
 
 @pytest.mark.parametrize("args,fragment", [

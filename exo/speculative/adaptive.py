@@ -28,7 +28,11 @@ class DecayedRate:
     `prior_weight` observations, so one early rejection cannot shut a position off for good."""
 
     def __init__(self, prior: float = PRIOR_ACCEPTANCE, prior_weight: float = 2.0, decay: float = 0.9):
-        self.hits, self.misses, self.decay = prior * prior_weight, (1 - prior) * prior_weight, decay
+        self.prior_weight, self.decay = prior_weight, decay
+        self.reset(prior)
+
+    def reset(self, prior: float) -> None:
+        self.hits, self.misses = prior * self.prior_weight, (1 - prior) * self.prior_weight
         self.observed = False
 
     def update(self, accepted: bool) -> None:
@@ -55,6 +59,10 @@ class AdaptiveK:
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.steps += 1
         for i in range(min(k, accepted + 1)):
+            if not self.acceptance[i].observed:
+                # A first look at a deeper position starts from its neighbour's estimate,
+                # so exploring deeper never makes the estimate look worse than it was.
+                self.acceptance[i].reset(self.acceptance_at(i))
             self.acceptance[i].update(i < accepted)
         if k:
             self.draft_step.update(draft_s / k)
