@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import anyio
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
-__all__ = ["InferenceEngine", "Shard", "Tokenizer", "LAST_POSITIONS", "last_only"]
+__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "last_only"]
 
 # `inference_state` key: the last shard returns logits for only this many final positions
 # (a prefill needs one row; a K-token verify needs K+1). Absent = every position.
@@ -27,14 +27,6 @@ LAST_POSITIONS = "last_positions"
 
 def last_only(n: int = 1) -> dict:
     return {LAST_POSITIONS: n}
-
-
-class Tokenizer(Protocol):
-    eos_token_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 class InferenceEngine(ABC):
