@@ -39,7 +39,7 @@ class APIError(Exception):
         self.status, self.body = status, ErrorResponse(ErrorBody(message, kind, param, code))
 
 
-def _msgpack_json(value: Any, status: int = 200) -> Response:
+def _json_response(value: Any, status: int = 200) -> Response:
     return Response(_json.encode(value), status_code=status, media_type="application/json")
 
 
@@ -58,13 +58,13 @@ class ChatGPTAPI:
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
-        return _msgpack_json(exc.body, exc.status)
+        return _json_response(exc.body, exc.status)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
-        return _msgpack_json(ErrorResponse(ErrorBody(f"no route {request.url.path}", code="not_found")), 404)
+        return _json_response(ErrorResponse(ErrorBody(f"no route {request.url.path}", code="not_found")), 404)
 
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
-        return _msgpack_json(ErrorResponse(ErrorBody(f"{request.method} not allowed on {request.url.path}",
+        return _json_response(ErrorResponse(ErrorBody(f"{request.method} not allowed on {request.url.path}",
                                                      code="method_not_allowed")), 405)
 
     # -- simple endpoints ----------------------------------------------------------------
@@ -77,7 +77,7 @@ class ChatGPTAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics(self, request: Request) -> Response:
-        return _msgpack_json({"node_id": self.node.id, "totals": self.node.engine.get_metrics(),
+        return _json_response({"node_id": self.node.id, "totals": self.node.engine.get_metrics(),
                               "recent": list(self.node.recent)})
 
     async def events(self, request: Request) -> Response:
@@ -203,7 +203,7 @@ class ChatGPTAPI:
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
                   else {"index": 0, "text": content, "logprobs": None})
         choice["finish_reason"] = finish_reason()
-        return _msgpack_json({"id": request_id, "object": "chat.completion" if chat else "text_completion",
+        return _json_response({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                               "created": created, "model": model, "choices": [choice], "usage": usage(count)})
 
     async def _cancel_on_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:

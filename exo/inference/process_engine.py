@@ -87,22 +87,31 @@ class ProcessInferenceEngine(InferenceEngine):
 
     async def _call(self, call: Call) -> Reply:
         async with self._lock:
-            reply = await anyio.to_thread.run_sync(self._roundtrip, self._encoder.encode(call))
-        if reply.error:
-            raise EngineProcessError(f"engine process failed on {call.op}: {reply.error}")
-        return reply
+            await anyio.to_thread.run_sync(self._start)  # spawning blocks; keep it off the loop
+            return await anyio.to_thread.run_sync(self._roundtrip, call)
 
-    def _roundtrip(self, payload: bytes) -> Reply:
-        self._start()
+    def _sync_call(self, call: Call) -> Reply:
+        """A quick cache operation on the event loop's thread; never restarts the process,
+        whose KV caches would be gone."""
+        if self._lock.locked():
+            raise RuntimeError("engine process is busy; cache operations must not overlap a forward pass")
+        if self._process is None or not self._process.is_alive():
+            raise EngineProcessError(f"engine process is not running; cannot {call.op}")
+        return self._roundtrip(call)
+
+    def _roundtrip(self, call: Call) -> Reply:
         try:
-            self._conn.send_bytes(payload)
+            self._conn.send_bytes(self._encoder.encode(call))
             if not self._conn.poll(self.call_timeout):
                 self._kill()
                 raise EngineProcessError(f"engine process did not answer within {self.call_timeout:.0f} s")
-            return self._decoder.decode(self._conn.recv_bytes())
+            reply = self._decoder.decode(self._conn.recv_bytes())
         except (EOFError, OSError, BrokenPipeError) as exc:
             self._kill()
             raise EngineProcessError(f"engine process died: {exc}") from exc
+        if reply.error:
+            raise EngineProcessError(f"engine process failed on {call.op}: {reply.error}")
+        return reply
 
     def _kill(self) -> None:
         if self._process is not None:
@@ -146,24 +155,12 @@ class ProcessInferenceEngine(InferenceEngine):
         held = self._offsets.get(request_id, 0)
         if n_tokens < 0 or n_tokens > held:
             raise ValueError(f"cannot trim {n_tokens} tokens from request {request_id!r} holding {held}")
-        reply = self._decoder.decode(self._sync_call(Call("trim", request_id, n=n_tokens)))
-        if reply.error:
-            raise EngineProcessError(f"engine process failed on trim: {reply.error}")
-        self._offsets[request_id] = reply.offset
+        self._offsets[request_id] = self._sync_call(Call("trim", request_id, n=n_tokens)).offset
 
     def free_cache(self, request_id: str) -> None:
         self._offsets.pop(request_id, None)
         if self._process is not None and self._process.is_alive():
             self._sync_call(Call("free", request_id))
-
-    def _sync_call(self, call: Call) -> bytes:
-        if self._lock.locked():
-            raise RuntimeError("engine process is busy; cache operations must not overlap a forward pass")
-        self._conn.send_bytes(self._encoder.encode(call))
-        if not self._conn.poll(self.call_timeout):
-            self._kill()
-            raise EngineProcessError("engine process did not answer")
-        return self._conn.recv_bytes()
 
     def close(self) -> None:
         if self._process is None:

@@ -51,6 +51,7 @@ class AdaptiveK:
         self.max_depth, self.initial_k, self.adaptive = max_depth, initial_k, adaptive
         self.probe_every, self.warmup_steps = probe_every, warmup_steps
         self.acceptance = [DecayedRate() for _ in range(max_depth)]
+        self.smoothing = smoothing
         self.draft_step = Ema(smoothing)  # seconds per drafted token
         self.verify = {}  # input length -> Ema of target seconds
         self.steps = 0
@@ -69,7 +70,7 @@ class AdaptiveK:
             self.since_speculation = 0
         else:
             self.since_speculation += 1
-        self.verify.setdefault(k + 1, Ema(0.15)).update(verify_s)
+        self.verify.setdefault(k + 1, Ema(self.smoothing)).update(verify_s)
 
     def acceptance_at(self, i: int) -> float:
         """Position i's estimate; a never-tried position borrows the deepest tried one's."""

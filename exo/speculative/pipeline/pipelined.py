@@ -37,7 +37,6 @@ class VerdictMessage:
     epoch: int  # the verifier's epoch after this verdict
     emitted: list[int]
     accepted: int
-    finished: bool
 
 
 @dataclass
@@ -135,8 +134,7 @@ async def _verifier(request: SpeculativeRequest, verifier: TargetVerifier, commi
             await out.send(emitted)
             if drafts_open:
                 try:
-                    await verdicts.send(VerdictMessage(epoch, emitted, verdict.accepted,
-                                                       request.finish_reason is not None))
+                    await verdicts.send(VerdictMessage(epoch, emitted, verdict.accepted))
                 except anyio.BrokenResourceError:
                     drafts_open = False  # the drafter failed after sending this block
 
