@@ -164,7 +164,11 @@ def test_client_disconnect_cancels_generation_and_frees_caches(api):
             if i >= 3:
                 break  # leave mid-stream
     deadline = time.monotonic() + 10
-    while node._active and time.monotonic() < deadline:
+
+    def busy():
+        return node._active or node.engine.target._caches or node.engine.draft._caches
+
+    while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node._active == 0
     assert not node.engine.target._caches and not node.engine.draft._caches

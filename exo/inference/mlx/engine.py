@@ -153,6 +153,13 @@ class MLXInferenceEngine(InferenceEngine):
 
     def free_cache(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
+        # A forward still queued for this request (its caller was cancelled and abandoned
+        # it) would create the cache again; dropping it once more on the MLX thread, after
+        # that call, frees it for good.
+        try:
+            self._executor.submit(self._caches.pop, request_id, None)
+        except RuntimeError:
+            pass  # engine closed: no forward can run any more, nothing to recreate
 
     def close(self) -> None:
         """Stop the MLX thread; the process must not exit while it is alive (MLX aborts)."""
