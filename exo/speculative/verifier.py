@@ -1,4 +1,9 @@
-"""The target side: verify a draft block in one forward pass and roll back the rest."""
+"""The target side: verify a draft block in one forward pass and roll back the rest.
+
+`BlockJudge` is the decision (rejection rule, deferred bonus row) and needs only the
+target's logits, so it can run wherever the target's last layers are: in this process
+(`TargetVerifier`) or on the last node of a ring.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ class Verdict:
     accepted: int  # how many of them are the block's draft tokens
     drafted: int  # block size
     kept: int  # tokens in the target's KV cache after rollback
+    deferred: bool = False  # the target row for the next position is held back (see BlockJudge)
 
     @property
     def diverged(self) -> bool:
@@ -28,8 +34,19 @@ class Verdict:
         return len(self.emitted) > self.accepted
 
 
-class TargetVerifier:
-    """Verifies one request's blocks; holds that request's deferred target row, if any.
+def block_inputs(committed: list[int], tokens: list[int], pending: bool) -> list[int]:
+    """The target's input for a block: the last committed token unless its row is already held."""
+    return list(tokens) if pending else [committed[-1], *tokens]
+
+
+def expected_cache(n_committed: int, pending: bool) -> int:
+    """Tokens the target's cache must hold before a block: all but the last committed one,
+    which the block feeds, or all of them when the next row is already held."""
+    return n_committed if pending else n_committed - 1
+
+
+class BlockJudge:
+    """One request's rejection decisions, plus its deferred target row, if any.
 
     With `defer_bonus`, a fully accepted block commits only its drafts and keeps the
     target's distribution for the next position; the next block's first draft is checked
@@ -38,48 +55,73 @@ class TargetVerifier:
     is still decided by the same rejection rule.
     """
 
-    def __init__(self, engine: InferenceEngine, shard: Shard, request_id: str, params: GenerationParams):
-        self.engine, self.shard, self.request_id, self.params = engine, shard, request_id, params
+    def __init__(self, params: GenerationParams):
+        self.params = params
         self.pending: np.ndarray | None = None  # warped target row for the next position
+
+    def first_token(self, last_logits: np.ndarray, rng: np.random.Generator) -> int:
+        return sample(self.warp(last_logits[None])[0], rng)
+
+    def judge(self, logits: np.ndarray | None, n_committed: int, tokens: list[int], probs: np.ndarray,
+              rng: np.random.Generator, defer_bonus: bool = False) -> Verdict:
+        """Decide a block from the target's logits for its inputs (None: nothing was fed,
+        only the held row is sampled). `kept` is what the target cache must be trimmed to."""
+        if logits is None:
+            if self.pending is None or tokens:
+                raise ValueError("only a held target row can be sampled without a forward pass")
+            token, self.pending = sample(self.pending, rng), None
+            return Verdict([token], 0, 0, n_committed)
+        rows = self.warp(logits)
+        if self.pending is not None:
+            rows = np.concatenate([self.pending[None], rows])
+        emitted = _verify(rows, tokens, probs, rng)
+        accepted = len(emitted) - 1  # a residual sample never equals the rejected draft
+        self.pending = None
+        deferred = defer_bonus and accepted == len(tokens) > 0
+        if deferred:
+            emitted, self.pending = emitted[:-1], rows[-1]
+        return Verdict(emitted, accepted, len(tokens), n_committed + accepted, deferred)
+
+    def warp(self, rows: np.ndarray) -> np.ndarray:
+        return warp(rows, self.params.temperature, self.params.top_k, self.params.top_p)
+
+
+class TargetVerifier:
+    """Verifies one request's blocks on a target engine in this process."""
+
+    def __init__(self, engine: InferenceEngine, shard: Shard, request_id: str, params: GenerationParams):
+        self.engine, self.shard, self.request_id = engine, shard, request_id
+        self.judge = BlockJudge(params)
 
     async def prefill(self, prompt: list[int], rng: np.random.Generator) -> int:
         """Process the prompt and sample the first token (no draft can help here)."""
         logits, _ = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([prompt]), last_only())
-        return sample(self._warp(logits[0, -1:])[0], rng)
+        return self.judge.first_token(logits[0, -1], rng)
 
     async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
                      defer_bonus: bool = False) -> Verdict:
         """Commit 1..K+1 tokens for `block`; the cache then holds `committed` + accepted drafts."""
-        expected = len(committed) if self.pending is not None else len(committed) - 1
+        pending = self.judge.pending is not None
+        expected = expected_cache(len(committed), pending)
         held = self.engine.cache_offset(self.request_id)
         if held != expected:
             raise KVRollbackError(f"target cache of {self.request_id!r} holds {held} tokens, expected {expected}")
-        if self.pending is not None and not block.tokens:
-            token, self.pending = sample(self.pending, rng), None
-            return Verdict([token], 0, 0, len(committed))
-        inputs = block.tokens if self.pending is not None else [committed[-1], *block.tokens]
-        logits, _ = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([inputs]),
-                                                   last_only(len(inputs)))
-        rows = self._warp(logits[0])
-        if self.pending is not None:
-            rows = np.concatenate([self.pending[None], rows])
-        emitted = _verify(rows, block, rng)
-        accepted = len(emitted) - 1  # a residual sample never equals the rejected draft
-        self.pending = None
-        if defer_bonus and accepted == block.k and block.k:
-            emitted, self.pending = emitted[:-1], rows[-1]
-        rollback_to(self.engine, self.request_id, len(committed) + accepted)
-        return Verdict(emitted, accepted, block.k, len(committed) + accepted)
-
-    def _warp(self, rows: np.ndarray) -> np.ndarray:
-        return warp(rows, self.params.temperature, self.params.top_k, self.params.top_p)
+        logits = None
+        if block.tokens or not pending:
+            inputs = block_inputs(committed, block.tokens, pending)
+            out, _ = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([inputs]),
+                                                    last_only(len(inputs)))
+            logits = out[0]
+        verdict = self.judge.judge(logits, len(committed), block.tokens, block.probs, rng, defer_bonus)
+        rollback_to(self.engine, self.request_id, verdict.kept)
+        return verdict
 
 
-def _verify(target: np.ndarray, block: DraftBlock, rng: np.random.Generator) -> list[int]:
+def _verify(target: np.ndarray, tokens: list[int], probs: np.ndarray, rng: np.random.Generator) -> list[int]:
     # Vocabularies may be padded to different sizes; ids past a model's vocabulary have
     # probability zero under it.
-    draft = block.probs if block.k else np.zeros((0, target.shape[-1]))
+    draft = probs if tokens else np.zeros((0, target.shape[-1]))
     vocab = max(target.shape[-1], draft.shape[-1])
     target = np.pad(target, ((0, 0), (0, vocab - target.shape[-1])))
     draft = np.pad(draft, ((0, 0), (0, vocab - draft.shape[-1])))
-    return verify_block(target, draft, np.asarray(block.tokens, dtype=np.int64), rng)
+    return verify_block(target, draft, np.asarray(tokens, dtype=np.int64), rng)

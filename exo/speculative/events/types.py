@@ -34,6 +34,18 @@ class KVRollback(_Event, tag="kv_rollback"):
 
     shard: str = ""  # "model_id:start-end"
     keep_tokens: int = 0
+    block: int = -1  # the verified block this follows; a ring stage applies them in order
+
+
+class StageReport(_Event, tag="stage_report"):
+    """A ring stage's state after it applied block `block`'s rollback (cluster-wide metrics)."""
+
+    shard: str = ""
+    block: int = 0
+    cache_offset: int = 0
+    forwards: int = 0
+    forward_seconds: float = 0.0
+    tokens: int = 0  # tokens this stage has run through its layers for the request
 
 
 class MetricsUpdate(_Event, tag="metrics_update"):
@@ -50,4 +62,4 @@ class SpeculationFallback(_Event, tag="speculation_fallback"):
     reason: str = ""
 
 
-Event = Union[DraftProposed, BlockVerified, KVRollback, MetricsUpdate, SpeculationFallback]
+Event = Union[DraftProposed, BlockVerified, KVRollback, MetricsUpdate, SpeculationFallback, StageReport]

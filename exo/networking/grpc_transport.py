@@ -1,0 +1,110 @@
+"""gRPC transport: a server that maps methods to async handlers, and peer handles.
+
+Messages are msgpack bytes (see `wire.py`), so gRPC runs with raw-bytes methods and no
+generated protobuf code. Every call has a deadline; a failed call closes the channel so
+the next one reconnects. `delay_s` adds a one-way delay before each message: simulated
+link latency for benchmarks on one machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import anyio
+import grpc
+import grpc.aio
+
+from exo.networking.peer_info import PeerInfo
+
+log = logging.getLogger("exo.networking")
+SERVICE = "exo.Node"
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+class PeerError(RuntimeError):
+    """A peer could not be reached or did not answer in time."""
+
+
+class BadMessage(ValueError):
+    """A payload that does not decode or breaks the protocol; the caller gets INVALID_ARGUMENT."""
+
+
+class RPCServer:
+    def __init__(self, host: str, port: int, handlers: dict[str, Handler]):
+        self.host, self.port, self.handlers = host, port, handlers
+        self.rejected = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        methods = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler))
+                   for name, handler in self.handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {self.host}:{self.port} (port in use?)")
+        self.port = bound
+        await self._server.start()
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+    def _wrap(self, name: str, handler: Handler):
+        async def serve(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                return await handler(request)
+            except BadMessage as exc:
+                self.rejected += 1
+                log.warning("rejected %s message (%d so far): %s", name, self.rejected, exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:  # the peer gets the reason; this node keeps serving
+                log.exception("%s handler failed", name)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return serve
+
+
+class PeerHandle:
+    """A connection to one peer; reconnects after failures."""
+
+    def __init__(self, info: PeerInfo, delay_s: float = 0.0):
+        self.info = info
+        self.delay_s = delay_s
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def address(self) -> str:
+        return f"{self.info.host}:{self.info.port}"
+
+    async def call(self, method: str, payload: bytes, timeout_s: float) -> bytes:
+        if self.delay_s:
+            await anyio.sleep(self.delay_s)
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
+        try:
+            return await stub(payload, timeout=timeout_s, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await self.close()
+            raise PeerError(f"{method} to node {self.id} at {self.address} failed: "
+                            f"{exc.code().name}: {exc.details()}") from None
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(grace=None)

@@ -1,0 +1,267 @@
+"""This node's part of every ring request: run its layers, pass the result on, keep KV exact.
+
+A pass (`Forward`) enters the ring at stage 0 and moves stage by stage; the last stage
+turns the logits into a verdict (rejection sampling with the request's own RNG, which lives
+there), trims its cache, announces the kept length as a `KVRollback` event to every other
+stage and sends the `Result` to the request's origin. A stage processes block n only after
+it has applied block n-1's rollback and its cache holds exactly what the header says;
+anything else fails the request loudly instead of attending to the wrong context.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import anyio
+import msgspec
+import numpy as np
+from anyio.abc import TaskGroup
+
+from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.shard import Shard
+from exo.networking import wire
+from exo.networking.grpc_transport import BadMessage
+from exo.speculative.events import EventBus, EventCodec, KVRollback, StageReport
+from exo.speculative.kv import KVRollbackError, rollback_to
+from exo.speculative.verifier import BlockJudge
+
+log = logging.getLogger("exo.ring")
+Send = Callable[[str, str, bytes, float], Awaitable[bytes]]  # (node id, method, payload, timeout)
+
+
+class RingError(RuntimeError):
+    """A ring request cannot go on: a stage failed, is unreachable, or its KV would be wrong."""
+
+
+@dataclass(frozen=True)
+class RingTimeouts:
+    send_s: float = 10.0  # one message to a peer (it only queues work before answering)
+    rollback_wait_s: float = 10.0  # how long a stage waits for the previous block's KVRollback
+    prepare_s: float = 900.0  # loading a stage's layers (may fetch and convert weights)
+
+
+@dataclass
+class StageState:
+    shard: Shard
+    origin: str
+    judge: BlockJudge | None = None  # last stage only
+    rng: np.random.Generator | None = None  # last stage only: the request's sampling RNG
+    applied: int = -1  # last block whose rollback this stage has applied
+    failed: str = ""
+    forwards: int = 0
+    forward_seconds: float = 0.0
+    tokens: int = 0
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+class RingMember:
+    def __init__(self, node_id: str, engine: InferenceEngine, send: Send, events: EventBus,
+                 timeouts: RingTimeouts = RingTimeouts()):
+        self.id, self.engine, self.send, self.events, self.timeouts = node_id, engine, send, events, timeouts
+        self.states: dict[str, StageState] = {}
+        self.codec = EventCodec()
+        self.rejected = 0  # protocol violations: out-of-order or unexpected messages
+        self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
+        self._forward = wire.decoder(wire.Forward)
+        self._prepare = wire.decoder(wire.Prepare)
+        self._release = wire.decoder(wire.Release)
+
+    # -- handlers (bytes in, bytes out) ----------------------------------------------------
+    async def on_prepare(self, payload: bytes) -> bytes:
+        prepare = _decode(self._prepare, payload)
+        stage = next((s for s in prepare.ring if s.node_id == self.id), None)
+        if stage is None:
+            raise BadMessage(f"node {self.id} is not in the ring it was asked to prepare")
+        await self.engine.ensure_shard(Shard(prepare.model_id, stage.start_layer, stage.end_layer, prepare.n_layers))
+        return wire.encode(wire.Ack())
+
+    async def on_forward(self, payload: bytes) -> bytes:
+        """Queue the pass and answer at once: the predecessor must not wait for our compute."""
+        forward = _decode(self._forward, payload)
+        header = forward.header
+        if not 0 <= forward.hop < len(header.ring) or header.ring[forward.hop].node_id != self.id:
+            raise BadMessage(f"pass for stage {forward.hop} of request {header.request_id} sent to node {self.id}")
+        if self.group is None:
+            raise RingError(f"node {self.id} is not serving")
+        self.group.start_soon(self._run_pass, forward)
+        return wire.encode(wire.Ack())
+
+    async def on_event(self, payload: bytes) -> bytes:
+        event = self.codec.decode(payload)
+        if event is None:
+            raise BadMessage("malformed event")
+        if isinstance(event, KVRollback) and event.block >= 0:
+            self._apply_rollback(event)
+        else:
+            self.events.publish(event)
+        return wire.encode(wire.Ack())
+
+    async def on_release(self, payload: bytes) -> bytes:
+        self.release(_decode(self._release, payload).request_id)
+        return wire.encode(wire.Ack())
+
+    def release(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            state.failed = state.failed or "request released"
+            state.notify()
+        self.engine.free_cache(request_id)
+
+    # -- one pass through this stage --------------------------------------------------------
+    async def _run_pass(self, forward: wire.Forward) -> None:
+        header = forward.header
+        try:
+            await self._compute(forward)
+        except Exception as exc:  # reported to the origin, which fails the request with it
+            log.warning("node %s: block %d of request %s failed: %s", self.id, header.seq, header.request_id, exc)
+            result = wire.Result(header.request_id, header.seq, self.id, error=f"{type(exc).__name__}: {exc}")
+            await self._deliver(header.origin, "Result", wire.encode(result))
+
+    async def _compute(self, forward: wire.Forward) -> None:
+        header, rid = forward.header, forward.header.request_id
+        stage = header.ring[forward.hop]
+        last = forward.hop == len(header.ring) - 1
+        state = await self._state_for(forward, last)
+        held = self.engine.cache_offset(rid)
+        if held != header.start:
+            raise RingError(f"node {self.id}: cache of request {rid} holds {held} tokens, "
+                            f"block {header.seq} expects {header.start}")
+        if forward.hidden is not None:
+            x = forward.hidden.array()
+        elif forward.hop == 0 and header.inputs:
+            x = np.asarray([header.inputs])
+        elif last and not header.inputs:
+            x = None  # only the held target row is sampled
+        else:
+            raise BadMessage(f"stage {forward.hop} of request {rid} got no input")
+        out, seconds = None, 0.0
+        if x is not None:
+            started = time.perf_counter()
+            rows = last_only(len(header.inputs) if header.seq else 1) if last else None
+            out, _ = await self.engine.infer_tensor(rid, state.shard, x, rows)
+            seconds = time.perf_counter() - started
+            state.forwards, state.forward_seconds, state.tokens = (
+                state.forwards + 1, state.forward_seconds + seconds, state.tokens + x.shape[1])
+        compute = [*forward.compute, seconds]
+        if not last:
+            next_stage = header.ring[forward.hop + 1]
+            message = wire.Forward(header, forward.hop + 1, wire.TensorBytes.of(out), compute)
+            await self.send(next_stage.node_id, "Forward", wire.encode(message), self.timeouts.send_s)
+            return
+        result = self._judge(header, state, out, compute)
+        state.applied = header.seq
+        state.notify()
+        rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(), shard=_label(stage, header),
+                              keep_tokens=result.kept, block=header.seq)
+        for other in {s.node_id for s in header.ring} - {self.id}:
+            self._spawn(other, "Event", self.codec.encode(rollback))
+        self._report(state, header.seq, rid)
+        await self._deliver(header.origin, "Result", wire.encode(result))
+
+    async def _state_for(self, forward: wire.Forward, last: bool) -> StageState:
+        header, rid = forward.header, forward.header.request_id
+        stage = header.ring[forward.hop]
+        if header.seq == 0:
+            self.release(rid)  # a reused id starts from nothing
+            shard = Shard(header.model_id, stage.start_layer, stage.end_layer, header.n_layers)
+            state = StageState(shard, header.origin)
+            if last:
+                state.judge, state.rng = BlockJudge(header.params), np.random.default_rng(header.params.seed)
+            self.states[rid] = state
+            return state
+        state = self.states.get(rid)
+        if state is None:
+            raise RingError(f"node {self.id} holds no state for request {rid} (released, or its prompt never came)")
+        with anyio.move_on_after(self.timeouts.rollback_wait_s):
+            while state.applied < header.seq - 1 and not state.failed:
+                await state.changed.wait()
+        if state.failed:
+            raise RingError(f"node {self.id}: {state.failed}")
+        if state.applied != header.seq - 1:
+            raise RingError(f"node {self.id}: no KVRollback for block {header.seq - 1} of request {rid} "
+                            f"within {self.timeouts.rollback_wait_s:.0f} s; refusing block {header.seq}")
+        return state
+
+    def _judge(self, header: wire.BlockHeader, state: StageState, out: np.ndarray | None,
+               compute: list[float]) -> wire.Result:
+        assert state.judge is not None and state.rng is not None
+        rid = header.request_id
+        if header.seq == 0:
+            token = state.judge.first_token(out[0, -1], state.rng)
+            return wire.Result(rid, 0, self.id, [token], kept=len(header.inputs), compute=compute)
+        logits = None if out is None else out[0]
+        width = logits.shape[-1] if logits is not None else state.judge.pending.shape[-1]
+        probs = header.draft_probs.array() if header.draft_probs is not None else _one_hot(header.draft_tokens, width)
+        verdict = state.judge.judge(logits, header.n_committed, header.draft_tokens, probs, state.rng,
+                                    header.defer_bonus)
+        rollback_to(self.engine, rid, verdict.kept)
+        return wire.Result(rid, header.seq, self.id, verdict.emitted, verdict.accepted, verdict.drafted,
+                           verdict.kept, verdict.deferred, compute)
+
+    # -- rollbacks announced by the last stage ----------------------------------------------
+    def _apply_rollback(self, event: KVRollback) -> None:
+        state = self.states.get(event.request_id)
+        if state is None:
+            self.rejected += 1
+            log.warning("node %s: KVRollback for unknown request %s dropped", self.id, event.request_id)
+            return
+        if event.block != state.applied + 1:
+            self.rejected += 1
+            state.failed = (f"KVRollback for block {event.block} arrived after block {state.applied}: "
+                            f"out of order")
+        else:
+            try:
+                rollback_to(self.engine, event.request_id, event.keep_tokens)
+                state.applied = event.block
+            except KVRollbackError as exc:
+                state.failed = str(exc)
+        state.notify()
+        if not state.failed:
+            self._report(state, event.block, event.request_id)
+
+    def _report(self, state: StageState, block: int, request_id: str) -> None:
+        report = StageReport(request_id=request_id, node_id=self.id, timestamp=time.time(),
+                             shard=f"{state.shard.model_id}:{state.shard.start_layer}-{state.shard.end_layer}",
+                             block=block, cache_offset=self.engine.cache_offset(request_id),
+                             forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens)
+        if state.origin == self.id:
+            self.events.publish(report)
+        else:
+            self._spawn(state.origin, "Event", self.codec.encode(report))
+
+    # -- sending ------------------------------------------------------------------------------
+    def _spawn(self, node_id: str, method: str, payload: bytes) -> None:
+        """Send in the background (events must not hold up the critical path)."""
+        if self.group is not None:
+            self.group.start_soon(self._deliver, node_id, method, payload)
+
+    async def _deliver(self, node_id: str, method: str, payload: bytes) -> None:
+        try:
+            await self.send(node_id, method, payload, self.timeouts.send_s)
+        except Exception as exc:  # the receiver notices what is missing (timeouts) and fails loudly
+            log.warning("node %s: %s to %s failed: %s", self.id, method, node_id, exc)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes):
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadMessage(str(exc)) from None
+
+
+def _one_hot(tokens: list[int], width: int) -> np.ndarray:
+    """Temperature-0 draft rows: all mass on the drafted token (what the draft sampled from)."""
+    rows = np.zeros((len(tokens), max([width, *(t + 1 for t in tokens)])), dtype=np.float32)
+    rows[np.arange(len(tokens)), tokens] = 1.0
+    return rows
+
+
+def _label(stage, header: wire.BlockHeader) -> str:
+    return f"{header.model_id}:{stage.start_layer}-{stage.end_layer}"

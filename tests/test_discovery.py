@@ -1,0 +1,233 @@
+"""Discovery tests. UDP tests only ever send to 127.255.255.255 (loopback broadcast) and bind to
+it, so nothing leaves the machine; see exo/networking/discovery/udp.py for why that works."""
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from exo.networking.discovery import DiscoveryConfigError, ManualDiscovery, UDPDiscovery
+from exo.networking.discovery.udp import ANNOUNCE_TYPE, encode_announcement
+from exo.networking.peer_info import PeerInfo
+
+LOOPBACK_BROADCAST = "127.255.255.255"
+
+
+async def wait_until(predicate: Callable[[], bool], within_s: float, what: str) -> None:
+    with anyio.move_on_after(within_s):
+        while not predicate():
+            await anyio.sleep(0.02)
+    assert predicate(), f"not within {within_s}s: {what}"
+
+
+def write_json(path: Path, peers: dict) -> None:
+    path.write_text(json.dumps({"peers": peers}))
+
+
+def bump_mtime(path: Path, seconds: int) -> None:
+    """Make the change visible even if the write landed in the same mtime tick."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+# ---------------------------------------------------------------- manual
+
+
+def test_manual_json_skips_self(tmp_path):
+    path = tmp_path / "peers.json"
+    write_json(
+        path,
+        {
+            "me": {"address": "10.0.0.1", "port": 5000, "memory": 1},
+            "a": {"address": "10.0.0.2", "port": 5001, "memory": 16 << 30},
+            "b": {"address": "10.0.0.3", "port": 5002},
+        },
+    )
+    d = ManualDiscovery(path, self_id="me")
+    assert d.peers() == {
+        "a": PeerInfo("a", "10.0.0.2", 5001, 16 << 30),
+        "b": PeerInfo("b", "10.0.0.3", 5002, 0),
+    }
+
+
+def test_manual_toml(tmp_path):
+    path = tmp_path / "peers.toml"
+    path.write_text(
+        '[peers.me]\naddress = "127.0.0.1"\nport = 6000\n\n'
+        '[peers."node-2"]\naddress = "127.0.0.1"\nport = 6001\nmemory = 8589934592\n'
+    )
+    d = ManualDiscovery(str(path), self_id="me")
+    assert d.peers() == {"node-2": PeerInfo("node-2", "127.0.0.1", 6001, 8 << 30)}
+
+
+def test_manual_reads_upstream_device_capabilities_memory(tmp_path):
+    path = tmp_path / "peers.json"
+    write_json(
+        path,
+        {
+            "up": {
+                "address": "127.0.0.1",
+                "port": 50051,
+                "device_capabilities": {"model": "Mac", "chip": "M2", "memory": 16384, "flops": {}},
+            }
+        },
+    )
+    assert ManualDiscovery(path, self_id="me").peers()["up"].memory == 16384 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("missing.json", None, "does not exist"),
+        ("broken.json", '{"peers": {', "not valid JSON"),
+        ("broken.toml", "[peers.a\naddress=", "not valid TOML"),
+        ("types.json", '{"peers": {"a": {"address": "x", "port": "5000"}}}', "peer 'a': Expected `int`"),
+        ("range.json", '{"peers": {"a": {"address": "x", "port": 70000}}}', "peer 'a': Expected `int` <= 65535"),
+        ("nopeers.json", '{"nodes": {}}', "missing required field `peers`"),
+        ("noaddr.toml", "[peers.a]\nport = 1\n", "missing required field `address`"),
+        ("peers.yaml", "peers: {}", "unsupported extension"),
+    ],
+)
+def test_manual_bad_file_is_a_config_error(tmp_path, name, content, problem):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DiscoveryConfigError) as info:
+        ManualDiscovery(path, self_id="me")
+    assert str(path) in str(info.value)
+    assert problem in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+async def test_manual_picks_up_edits_and_survives_bad_ones(tmp_path, caplog):
+    path = tmp_path / "peers.json"
+    write_json(path, {"a": {"address": "127.0.0.1", "port": 1}})
+    d = ManualDiscovery(path, self_id="me", poll_s=0.02)
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.run)
+
+        write_json(path, {"a": {"address": "127.0.0.1", "port": 1}, "b": {"address": "127.0.0.1", "port": 2}})
+        bump_mtime(path, 1)
+        await wait_until(lambda: set(d.peers()) == {"a", "b"}, 5, "new peer b picked up")
+
+        with caplog.at_level(logging.WARNING, logger="exo.discovery.manual"):
+            path.write_text("{not json")
+            bump_mtime(path, 2)
+            await wait_until(lambda: "not valid JSON" in caplog.text, 5, "warning about the bad edit")
+        assert set(d.peers()) == {"a", "b"}  # previous view kept
+
+        write_json(path, {"me": {"address": "127.0.0.1", "port": 9}, "c": {"address": "127.0.0.1", "port": 3}})
+        bump_mtime(path, 3)
+        await wait_until(lambda: set(d.peers()) == {"c"}, 5, "recovery after the bad edit")
+        tg.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- UDP
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_udp(node_id: str, port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> UDPDiscovery:
+    return UDPDiscovery(
+        PeerInfo(node_id, host, 7000 + len(node_id), memory=len(node_id)),
+        listen_port=port,
+        broadcast_address=LOOPBACK_BROADCAST,
+        bind_address=LOOPBACK_BROADCAST,
+        interval_s=0.1,
+        timeout_s=timeout_s,
+    )
+
+
+def send_raw(port: int, data: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.sendto(data, (LOOPBACK_BROADCAST, port))
+
+
+async def test_udp_nodes_find_each_other_and_drop_stopped_ones():
+    port = free_udp_port()
+    a = loopback_udp("a", port)
+    b = loopback_udp("bb", port)
+    c = loopback_udp("ccc", port, host="0.0.0.0")  # unspecified host: receivers use the source address
+    nodes = [a, b, c]
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        await tg.start(b.run)
+        async with anyio.create_task_group() as c_group:
+            await c_group.start(c.run)
+            await wait_until(
+                lambda: all(set(n.peers()) == {"a", "bb", "ccc"} - {n.self_info.node_id} for n in nodes),
+                5,
+                "all three see the other two",
+            )
+            assert a.peers()["bb"] == b.self_info
+            assert a.peers()["ccc"] == PeerInfo("ccc", "127.0.0.1", c.self_info.port, c.self_info.memory)
+            assert b.peers()["a"] == a.self_info
+            c_group.cancel_scope.cancel()
+
+        # c stopped announcing: gone after timeout_s (1 s), a and b still see each other.
+        await wait_until(lambda: "ccc" not in a.peers() and "ccc" not in b.peers(), 5, "stopped node dropped")
+        await anyio.sleep(0.3)
+        assert set(a.peers()) == {"bb"} and set(b.peers()) == {"a"}
+        tg.cancel_scope.cancel()
+
+    # Cancellation closed every socket: the port can now be bound without any reuse option.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK_BROADCAST, port))
+
+
+async def test_udp_malformed_datagrams_are_counted_and_dropped():
+    port = free_udp_port()
+    a = loopback_udp("a", port)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        peer = {"node_id": "x", "host": "127.0.0.1", "port": 1}
+        bad = [
+            b"not msgpack at all \xff\xfe",
+            b"",
+            msgspec.msgpack.encode({"type": "someone-else", "version": 1, "peer": peer}),
+            msgspec.msgpack.encode({"version": 1, "peer": peer}),  # no magic
+            msgspec.msgpack.encode({"type": ANNOUNCE_TYPE, "version": 99, "peer": peer}),
+            msgspec.msgpack.encode({"type": ANNOUNCE_TYPE, "version": 1, "peer": {**peer, "port": "1"}}),
+        ]
+        for data in bad:
+            send_raw(port, data)
+        await wait_until(lambda: a.malformed == len(bad), 5, f"{len(bad)} malformed datagrams counted")
+        assert a.peers() == {}
+
+        # Still alive and listening: a valid announcement afterwards is accepted.
+        send_raw(port, encode_announcement(PeerInfo("x", "127.0.0.1", 1)))
+        await wait_until(lambda: "x" in a.peers(), 5, "valid announcement after garbage")
+        assert a.malformed == len(bad)
+        tg.cancel_scope.cancel()
+
+
+async def test_udp_ignores_own_announcements():
+    port = free_udp_port()
+    a = loopback_udp("a", port)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        # Our own datagram, sent from elsewhere, is also recognised by node_id.
+        send_raw(port, encode_announcement(a.self_info))
+        await anyio.sleep(0.5)  # several of its own broadcasts have looped back by now
+        assert a.peers() == {}
+        assert a.malformed == 0
+        tg.cancel_scope.cancel()
+
+
+def test_udp_rejects_bad_arguments():
+    info = PeerInfo("a", "127.0.0.1", 1)
+    with pytest.raises(ValueError, match="listen_port"):
+        UDPDiscovery(info, listen_port=0)
+    with pytest.raises(ValueError, match="positive"):
+        UDPDiscovery(info, listen_port=5000, interval_s=0)
