@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-generate-tokens", type=int, default=1024,
                         help="token budget when a request sets none (default 1024)")
     add_speculative_arguments(parser)
+    add_cluster_arguments(parser)
     commands = parser.add_subparsers(dest="command", metavar="{run}")
     run = commands.add_parser("run", help="generate from one prompt in this process",
                               description="Stream a generation to the terminal using the model's chat template.")
@@ -40,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_MODEL})")
     add_run_arguments(run)
     return parser
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster (the target's layers split over a ring of nodes)")
+    group.add_argument("--node-host", default="0.0.0.0", help="RPC bind address announced to peers (default 0.0.0.0)")
+    group.add_argument("--node-port", type=int, default=50051, help="RPC port (default 50051)")
+    group.add_argument("--discovery-module", choices=["udp", "manual", "none"], default="udp",
+                       help="how peers are found: UDP broadcast (default), a peers file, or none (single node)")
+    group.add_argument("--discovery-config-path", default=None,
+                       help="peers file for --discovery-module manual (JSON or TOML: "
+                            '{"peers": {"<id>": {"address": ..., "port": ..., "memory": ...}}})')
+    group.add_argument("--broadcast-address", default="255.255.255.255",
+                       help="UDP discovery destination (default 255.255.255.255; 127.255.255.255 for loopback)")
+    group.add_argument("--listen-port", type=int, default=5678, help="UDP discovery port (default 5678)")
+    group.add_argument("--node-memory", type=float, default=None,
+                       help="memory in GB announced for layer partitioning (default: this machine's)")
+    group.add_argument("--ring-timeout", type=float, default=60.0,
+                       help="seconds a block may take round the ring before the request fails (default 60)")
+    group.add_argument("--link-delay-ms", type=float, default=0.0,
+                       help="add this one-way delay to every message to a peer (simulated network latency)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ class ChatGPTAPI:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/speculative/metrics", self.metrics),
             Route("/v1/speculative/events", self.events),
+            Route("/v1/topology", self.topology),
         ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed})
 
     # -- errors ------------------------------------------------------------------------
@@ -78,7 +79,11 @@ class ChatGPTAPI:
 
     async def metrics(self, request: Request) -> Response:
         return _json_response({"node_id": self.node.id, "totals": self.node.engine.get_metrics(),
-                              "recent": list(self.node.recent)})
+                              "recent": list(self.node.recent), "cluster": self.node.cluster_metrics()})
+
+    async def topology(self, request: Request) -> Response:
+        """The nodes this node can reach and the ring the current model runs on."""
+        return _json_response(self.node.topology())
 
     async def events(self, request: Request) -> Response:
         """Server-sent events: every speculative event of this node, as JSON."""

@@ -1,4 +1,8 @@
-"""An Exo node (single-node form): requests in, tokens out, events to subscribers.
+"""An Exo node: requests in, tokens out, events to subscribers.
+
+Alone, a node runs the whole target itself. With peers (a `Cluster`), the target's layers
+are split over the ring and each block is verified in one pass round it, while the draft
+runs here, on the node that serves the request.
 
 Upstream-compatible in spirit: `process_prompt` / `process_tensor`, per-request token
 buffers, `on_token(request_id, tokens, is_finished)` callbacks (several tokens per call
@@ -25,6 +29,9 @@ from exo.inference.shard import Shard
 from exo.speculative.config import SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 from exo.speculative.events import EventBus
+from exo.orchestration.cluster import Cluster
+from exo.orchestration.ring_verifier import RingVerifier
+from exo.topology.partitioning import Stage
 
 log = logging.getLogger("exo.node")
 TokenCallback = Callable[[str, list[int], bool], None]
@@ -34,7 +41,9 @@ StatusCallback = Callable[[str, str], None]
 class Node:
     def __init__(self, node_id: str, engine_pair: Callable[[], tuple[InferenceEngine, InferenceEngine]],
                  config: SpeculativeConfig, default_model: str, *, max_generate_tokens: int = 1024,
-                 default_temperature: float = 0.0, recent_window: int = 32):
+                 default_temperature: float = 0.0, recent_window: int = 32,
+                 cluster: Callable[[InferenceEngine, EventBus], Cluster] | None = None,
+                 pass_timeout_s: float = 60.0):
         self.id = node_id
         self.config = config
         self.default_model = default_model
@@ -50,19 +59,30 @@ class Node:
         self._active = 0
         self._idle = anyio.Condition()
         self._shard: Shard | None = None
+        self._ring: list[Stage] | None = None  # None: the whole target runs here
+        self._full_shards: dict[str, Shard] = {}
+        self.cluster = cluster(self.engine.target, self.events) if cluster is not None else None
+        self.pass_timeout_s = pass_timeout_s
 
     # -- models --------------------------------------------------------------------------
     async def shard_for(self, model_id: str | None) -> Shard:
-        """Load `model_id` (waiting for in-flight requests on another model to finish)."""
+        """Load `model_id` here or over the ring (waiting for in-flight requests on another
+        model or another ring to finish)."""
         model_id = model_id or self.default_model
         async with self._model_lock:
-            if self._shard is None or self._shard.model_id != model_id:
+            shard = self._full_shards.get(model_id) or await self.engine.full_shard(model_id)
+            self._full_shards[model_id] = shard
+            ring = self.cluster.ring(shard.n_layers) if self.cluster is not None and self.cluster.peers else None
+            if self._shard != shard or ring != self._ring:
                 async with self._idle:
                     while self._active:
                         await self._idle.wait()
-                shard = await self.engine.full_shard(model_id)
-                await self.engine.target.ensure_shard(shard)
-                self._shard = shard
+                self._shard = self._ring = None
+                if ring is None:
+                    await self.engine.target.ensure_shard(shard)
+                else:
+                    await self.cluster.prepare(model_id, shard.n_layers, ring)
+                self._shard, self._ring = shard, ring
             return self._shard
 
     @property
@@ -77,7 +97,13 @@ class Node:
         shard = await self.shard_for(model_id)
         self._active += 1
         try:
-            stream = self.engine.generate(shard, prompt, params, config or self.config, request_id)
+            verifier = None
+            if self._ring is not None and self.cluster is not None:
+                verifier = RingVerifier(self.id, self.cluster.call, self.cluster.inbox, self._ring, shard.model_id,
+                                        shard.n_layers, request_id, params, self.pass_timeout_s,
+                                        self.cluster.timeouts.send_s)
+            stream = self.engine.generate(shard, prompt, params, config or self.config, request_id,
+                                          verifier=verifier)
             async with aclosing(stream) as blocks:
                 async for tokens in blocks:
                     finished = self.engine.requests[request_id].finish_reason is not None
@@ -130,6 +156,16 @@ class Node:
         json.loads(status)  # statuses are JSON strings with a "type" key, as upstream
         for callback in list(self.on_opaque_status):
             callback(request_id, status)
+
+    def cluster_metrics(self) -> dict | None:
+        """Every ring stage's last report and recent requests' per-stage cache offsets."""
+        return self.cluster.member.reports.snapshot() if self.cluster is not None else None
+
+    def topology(self) -> dict:
+        nodes = self.cluster.nodes() if self.cluster is not None else []
+        return {"node_id": self.id, "nodes": [msgspec.to_builtins(n) for n in nodes],
+                "model": self._shard.model_id if self._shard else None,
+                "ring": [msgspec.to_builtins(s) for s in self._ring] if self._ring else None}
 
     def close(self) -> None:
         self.engine.close()

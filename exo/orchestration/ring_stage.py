@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -61,11 +62,44 @@ class StageState:
         self.changed = anyio.Event()
 
 
+class StageReports:
+    """What every stage reported to this (origin) node: cluster-wide metrics, recent requests."""
+
+    def __init__(self, keep_requests: int = 16):
+        self.latest: dict[str, StageReport] = {}  # node id -> its last report
+        self.requests: OrderedDict[str, list[StageReport]] = OrderedDict()
+        self.keep_requests = keep_requests
+
+    def record(self, report: StageReport) -> None:
+        self.latest[report.node_id] = report
+        self.requests.setdefault(report.request_id, []).append(report)
+        self.requests.move_to_end(report.request_id)
+        while len(self.requests) > self.keep_requests:
+            self.requests.popitem(last=False)
+
+    def offsets(self, request_id: str) -> dict[str, dict[int, int]]:
+        """node id -> {block: cache offset after that block's rollback}."""
+        out: dict[str, dict[int, int]] = {}
+        for report in self.requests.get(request_id, []):
+            out.setdefault(report.node_id, {})[report.block] = report.cache_offset
+        return out
+
+    def snapshot(self) -> dict:
+        return {"nodes": {node: {"shard": r.shard, "last_request": r.request_id, "forwards": r.forwards,
+                                 "forward_seconds": r.forward_seconds, "tokens": r.tokens}
+                          for node, r in sorted(self.latest.items())},
+                "requests": {rid: {node: {str(b): o for b, o in blocks.items()}
+                                   for node, blocks in self.offsets(rid).items()}
+                             for rid in self.requests}}
+
+
 class RingMember:
     def __init__(self, node_id: str, engine: InferenceEngine, send: Send, events: EventBus,
                  timeouts: RingTimeouts = RingTimeouts()):
         self.id, self.engine, self.send, self.events, self.timeouts = node_id, engine, send, events, timeouts
         self.states: dict[str, StageState] = {}
+        self.released: deque[str] = deque(maxlen=256)  # a last block's rollback may arrive after release
+        self.reports = StageReports()
         self.codec = EventCodec()
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
@@ -99,8 +133,10 @@ class RingMember:
             raise BadMessage("malformed event")
         if isinstance(event, KVRollback) and event.block >= 0:
             self._apply_rollback(event)
-        else:
-            self.events.publish(event)
+            return wire.encode(wire.Ack())
+        if isinstance(event, StageReport):
+            self.reports.record(event)
+        self.events.publish(event)
         return wire.encode(wire.Ack())
 
     async def on_release(self, payload: bytes) -> bytes:
@@ -109,6 +145,7 @@ class RingMember:
 
     def release(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
+        self.released.append(request_id)
         if state is not None:
             state.failed = state.failed or "request released"
             state.notify()
@@ -208,6 +245,8 @@ class RingMember:
     # -- rollbacks announced by the last stage ----------------------------------------------
     def _apply_rollback(self, event: KVRollback) -> None:
         state = self.states.get(event.request_id)
+        if state is None and event.request_id in self.released:
+            return
         if state is None:
             self.rejected += 1
             log.warning("node %s: KVRollback for unknown request %s dropped", self.id, event.request_id)
@@ -232,6 +271,7 @@ class RingMember:
                              block=block, cache_offset=self.engine.cache_offset(request_id),
                              forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens)
         if state.origin == self.id:
+            self.reports.record(report)
             self.events.publish(report)
         else:
             self._spawn(state.origin, "Event", self.codec.encode(report))

@@ -29,7 +29,7 @@ from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.pipeline.pipelined import run_pipelined
 from exo.speculative.pipeline.sequential import run_sequential
 from exo.speculative.proposer import DraftProposer
-from exo.speculative.verifier import TargetVerifier
+from exo.speculative.verifier import TargetVerifier, Verifier
 
 log = logging.getLogger("exo.speculative")
 RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
@@ -121,11 +121,17 @@ class SpeculativeInferenceEngine(InferenceEngine):
     # -- generation ---------------------------------------------------------------------
     async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
-                       eos_ids: frozenset[int] | None = None) -> AsyncIterator[list[int]]:
-        """Yield emitted tokens block by block; `config` overrides the engine's for this request."""
+                       eos_ids: frozenset[int] | None = None,
+                       verifier: Verifier | None = None) -> AsyncIterator[list[int]]:
+        """Yield emitted tokens block by block; `config` overrides the engine's for this request.
+
+        `verifier` replaces the local target (a ring of nodes holding its layers); it must
+        be for `request_id` and `params`.
+        """
         config = config or self.config
         request_id = request_id or uuid.uuid4().hex
-        await self.target.ensure_shard(shard)
+        if verifier is None:
+            await self.target.ensure_shard(shard)
         draft_shard = await self.ensure_draft(shard.model_id, config.draft_model) if config.enabled else None
         proposer = DraftProposer(self.draft, draft_shard) if draft_shard is not None else None
         request = SpeculativeRequest(
@@ -144,12 +150,14 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.requests.popitem(last=False)
         try:
             scheduler = run_pipelined if config.pipelined else run_sequential
-            verifier = TargetVerifier(self.target, shard, request_id, params)
+            verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
             async with aclosing(scheduler(request, verifier, proposer)) as blocks:
                 async for tokens in blocks:
                     yield tokens
         finally:
             self.free_cache(request_id)
+            if verifier is not None:
+                await verifier.close()
             self.metrics.merge(request.metrics)
             if request.controller.plain_step_time():
                 self._plain_step_time = request.controller.plain_step_time()

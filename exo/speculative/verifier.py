@@ -8,6 +8,7 @@ target's logits, so it can run wherever the target's last layers are: in this pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -115,6 +116,20 @@ class TargetVerifier:
         verdict = self.judge.judge(logits, len(committed), block.tokens, block.probs, rng, defer_bonus)
         rollback_to(self.engine, self.request_id, verdict.kept)
         return verdict
+
+    async def close(self) -> None:
+        """Nothing to release beyond the engine's cache (the engine frees it)."""
+
+
+class Verifier(Protocol):
+    """What a scheduler needs from the target side, local or a ring of nodes."""
+
+    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> int: ...
+
+    async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
+                     defer_bonus: bool = False) -> Verdict: ...
+
+    async def close(self) -> None: ...
 
 
 def _verify(target: np.ndarray, tokens: list[int], probs: np.ndarray, rng: np.random.Generator) -> list[int]:

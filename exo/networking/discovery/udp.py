@@ -131,11 +131,23 @@ class UDPDiscovery(Discovery):
         """Announce ourselves and prune silent peers, once per interval."""
         datagram = encode_announcement(self.self_info)
         destination = (self.broadcast_address, self.listen_port)
+        failing = False
         while True:
             try:
                 tx.sendto(datagram, destination)
             except OSError as e:  # network down, buffer full: try again next interval
-                log.warning("discovery broadcast to %s:%d failed: %s", *destination, e)
+                # Warn when it starts failing, not once a second for as long as it fails.
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "discovery broadcast to %s:%d failed: %s",
+                    *destination,
+                    e,
+                )
+                failing = True
+            else:
+                if failing:
+                    log.info("discovery broadcast to %s:%d works again", *destination)
+                failing = False
             self._prune()
             await anyio.sleep(self.interval_s)
 

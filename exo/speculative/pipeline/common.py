@@ -15,7 +15,7 @@ from exo.speculative.events import (
 )
 from exo.speculative.metrics import SpeculativeMetrics
 from exo.speculative.proposer import DraftBlock
-from exo.speculative.verifier import TargetVerifier, Verdict
+from exo.speculative.verifier import Verdict, Verifier
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SpeculativeRequest:
     shard_label: str = ""
     blocks: int = 0
 
-    async def prefill(self, verifier: TargetVerifier, rng: np.random.Generator) -> list[int]:
+    async def prefill(self, verifier: Verifier, rng: np.random.Generator) -> list[int]:
         """Process the prompt and commit the first token; returns the committed sequence."""
         start = time.perf_counter()
         first = self.finish([await verifier.prefill(self.prompt, rng)])

@@ -5,7 +5,7 @@
 
 Two tasks in one task group, joined by bounded memory streams. The drafter assumes every
 block in flight will be fully accepted and keeps drafting past it. The verifier defers the
-bonus token of a fully accepted block (see TargetVerifier), so the drafter's next block
+bonus token of a fully accepted block (see BlockJudge), so the drafter's next block
 stays valid; when a verdict commits a token the drafter did not propose, the epoch moves
 on: blocks of the old epoch are dropped unverified, the draft cache is rolled back to the
 committed prefix and drafting restarts from the corrected token. No draft token reaches
@@ -26,7 +26,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.proposer import DraftBlock, DraftProposer
-from exo.speculative.verifier import TargetVerifier
+from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
 MAX_BLOCKS_AHEAD = 2  # drafted but unverified blocks the drafter may have in flight
@@ -45,7 +45,7 @@ class SideTimes:
     idle: float = 0.0
 
 
-async def run_pipelined(request: SpeculativeRequest, verifier: TargetVerifier,
+async def run_pipelined(request: SpeculativeRequest, verifier: Verifier,
                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
     rng = np.random.default_rng(request.params.seed)
@@ -82,7 +82,7 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
     return (real or leaves)[0]
 
 
-async def _pipeline(request: SpeculativeRequest, verifier: TargetVerifier, proposer: DraftProposer | None,
+async def _pipeline(request: SpeculativeRequest, verifier: Verifier, proposer: DraftProposer | None,
                     committed: list[int], rng: np.random.Generator, draft_rng: np.random.Generator,
                     out_send: ObjectSendStream[list[int]]) -> None:
     block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
@@ -100,7 +100,7 @@ async def _pipeline(request: SpeculativeRequest, verifier: TargetVerifier, propo
     request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
 
 
-async def _verifier(request: SpeculativeRequest, verifier: TargetVerifier, committed: list[int],
+async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: list[int],
                     rng: np.random.Generator, blocks: ObjectReceiveStream[DraftBlock],
                     verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[list[int]],
                     times: SideTimes) -> None:

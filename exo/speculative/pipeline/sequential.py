@@ -14,12 +14,12 @@ import numpy as np
 
 from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.proposer import DraftBlock, DraftProposer
-from exo.speculative.verifier import TargetVerifier
+from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
 
 
-async def run_sequential(request: SpeculativeRequest, verifier: TargetVerifier,
+async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
                          proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens (1..K+1 per yield)."""
     rid, params = request.request_id, request.params

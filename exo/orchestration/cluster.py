@@ -1,0 +1,151 @@
+"""This node's view of the cluster: its peers, their health, the ring they form, the RPC server.
+
+Peers come from discovery; a peer counts as part of the ring while it answers health
+checks. Every node computes the ring from the same list (see `partition_by_memory`), and
+each request carries the ring it runs on, so a topology change never splits one request
+between two different partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.abc import TaskGroup
+
+from exo.inference.engine import InferenceEngine
+from exo.networking import wire
+from exo.networking.discovery import Discovery
+from exo.networking.grpc_transport import PeerError, PeerHandle, RPCServer
+from exo.networking.peer_info import PeerInfo
+from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts
+from exo.orchestration.ring_verifier import ResultInbox
+from exo.speculative.events import EventBus
+from exo.topology.partitioning import Stage, partition_by_memory
+
+log = logging.getLogger("exo.cluster")
+
+
+class Cluster:
+    def __init__(self, info: PeerInfo, engine: InferenceEngine, events: EventBus, discovery: Discovery | None,
+                 *, link_delay_s: float = 0.0, health_interval_s: float = 1.0, health_timeout_s: float = 2.0,
+                 timeouts: RingTimeouts = RingTimeouts()):
+        self.info = info
+        self.discovery = discovery
+        self.link_delay_s = link_delay_s
+        self.health_interval_s, self.health_timeout_s = health_interval_s, health_timeout_s
+        self.timeouts = timeouts
+        self.peers: dict[str, PeerHandle] = {}  # healthy peers only
+        self.inbox = ResultInbox()
+        self.member = RingMember(info.node_id, engine, self.call, events, timeouts)
+        self.handlers = {
+            "Health": self._on_health,
+            "Prepare": self.member.on_prepare,
+            "Forward": self.member.on_forward,
+            "Result": self.inbox.on_result,
+            "Event": self.member.on_event,
+            "Release": self.member.on_release,
+        }
+        self.server = RPCServer(info.host, info.port, self.handlers)
+        self._prepared: tuple | None = None
+        self._prepare_lock = anyio.Lock()
+        self._handles: dict[str, PeerHandle] = {}
+
+    @property
+    def id(self) -> str:
+        return self.info.node_id
+
+    # -- lifetime -------------------------------------------------------------------------------
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve RPCs, follow discovery and check peers' health until cancelled."""
+        await self.server.start()
+        try:
+            async with anyio.create_task_group() as group:
+                self.member.group = group
+                if self.discovery is not None:
+                    await group.start(self.discovery.run)
+                    group.start_soon(self._health_loop, group)
+                log.info("node %s: RPC on %s:%d", self.id, self.info.host, self.server.port)
+                task_status.started()
+        finally:
+            self.member.group = None
+            with anyio.CancelScope(shield=True):
+                await self.server.stop()
+                for handle in self._handles.values():
+                    await handle.close()
+
+    async def _health_loop(self, group: TaskGroup) -> None:
+        while True:
+            known = self.discovery.peers() if self.discovery is not None else {}
+            async with anyio.create_task_group() as checks:
+                for peer_id, info in known.items():
+                    if peer_id != self.id:
+                        checks.start_soon(self._check, peer_id, info)
+            for gone in set(self.peers) - set(known):
+                self._drop(gone, "no longer discovered")
+            await anyio.sleep(self.health_interval_s)
+
+    async def _check(self, peer_id: str, info: PeerInfo) -> None:
+        handle = self._handles.get(peer_id)
+        if handle is None or (handle.info.host, handle.info.port) != (info.host, info.port):
+            handle = self._handles[peer_id] = PeerHandle(info, self.link_delay_s)
+        try:
+            reply = wire.decoder(wire.Health).decode(
+                await handle.call("Health", b"", self.health_timeout_s))
+        except (PeerError, ValueError) as exc:
+            self._drop(peer_id, str(exc))
+            return
+        handle.info = reply.info
+        if peer_id not in self.peers:
+            self._prepared = None  # a (re)joined node has to load its layers
+            log.info("node %s: peer %s joined (%s, %.1f GB)", self.id, peer_id, handle.address, reply.info.memory / 1e9)
+        self.peers[peer_id] = handle
+
+    def _drop(self, peer_id: str, why: str) -> None:
+        if self.peers.pop(peer_id, None) is not None:
+            self._prepared = None
+            log.warning("node %s: peer %s left the ring: %s", self.id, peer_id, why)
+
+    async def _on_health(self, payload: bytes) -> bytes:
+        return wire.encode(wire.Health(self.info))
+
+    # -- the ring -------------------------------------------------------------------------------
+    def nodes(self) -> list[PeerInfo]:
+        return [self.info, *(handle.info for handle in self.peers.values())]
+
+    def ring(self, n_layers: int) -> list[Stage]:
+        return partition_by_memory(self.nodes(), n_layers)
+
+    async def call(self, node_id: str, method: str, payload: bytes, timeout_s: float) -> bytes:
+        """One RPC; to this node itself it is a direct call (no network, no delay)."""
+        if node_id == self.id:
+            with anyio.fail_after(timeout_s):
+                return await self.handlers[method](payload)
+        handle = self.peers.get(node_id)
+        if handle is None:
+            raise PeerError(f"node {node_id} is not a healthy peer of {self.id}")
+        return await handle.call(method, payload, timeout_s)
+
+    async def prepare(self, model_id: str, n_layers: int, ring: list[Stage]) -> None:
+        """Every stage loads its layers (once per ring and model); a failure names the node."""
+        key = (model_id, n_layers, tuple(ring))
+        async with self._prepare_lock:
+            if self._prepared == key:
+                return
+            payload = wire.encode(wire.Prepare(model_id, n_layers, ring))
+            failures: list[str] = []
+
+            async def one(stage: Stage) -> None:
+                try:
+                    await self.call(stage.node_id, "Prepare", payload, self.timeouts.prepare_s)
+                except Exception as exc:  # collected: the error names every stage that failed
+                    failures.append(f"{stage.node_id}: {exc}")
+
+            async with anyio.create_task_group() as group:
+                for stage in ring:
+                    group.start_soon(one, stage)
+            if failures:
+                raise RingError(f"could not load {model_id} on the ring: {'; '.join(failures)}")
+            self._prepared = key
+            log.info("node %s: ring ready for %s: %s", self.id, model_id,
+                     ", ".join(f"{s.node_id}[{s.start_layer}-{s.end_layer}]" for s in ring))
