@@ -25,7 +25,9 @@ from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
 from exo.inference.sources import ModelSourceError
 from exo.models import CARDS, UnknownModelError
+from exo.networking.grpc_transport import PeerError
 from exo.orchestration.node import Node
+from exo.orchestration.ring_stage import RingError
 from exo.speculative.config import ConfigError
 
 log = logging.getLogger("exo.api")
@@ -37,6 +39,14 @@ class APIError(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.body = status, ErrorResponse(ErrorBody(message, kind, param, code))
+
+
+CLUSTER_ERRORS = (RingError, PeerError)
+
+
+def _cluster_error(exc: Exception) -> APIError:
+    """A failed stage or peer: the request cannot be served now; the cluster may heal."""
+    return APIError(503, f"cluster: {exc}", None, "ring_failed", "server_error")
 
 
 def _json_response(value: Any, status: int = 200) -> Response:
@@ -127,6 +137,8 @@ class ChatGPTAPI:
             raise APIError(404, str(exc), "model", "model_not_found") from exc
         except ModelSourceError as exc:
             raise APIError(503, f"model unavailable: {exc}", "model", "model_unavailable", "server_error") from exc
+        except CLUSTER_ERRORS as exc:
+            raise _cluster_error(exc) from exc
         return self.node.tokenizer
 
     def _settings(self, body: Any):
@@ -167,6 +179,8 @@ class ChatGPTAPI:
                                 return
             except ConfigError as exc:
                 raise APIError(400, str(exc), "speculative") from exc
+            except CLUSTER_ERRORS as exc:
+                raise _cluster_error(exc) from exc
 
         def finish_reason() -> str:
             if text.stopped:

@@ -106,6 +106,7 @@ class Prepare(msgspec.Struct, frozen=True):
     model_id: str
     n_layers: int
     ring: list[Stage]
+    nodes: list[PeerInfo] = []  # how to reach every stage, in case a member has not discovered them yet
 
 
 class Release(msgspec.Struct, frozen=True):

@@ -18,7 +18,7 @@ from exo.networking import wire
 from exo.networking.discovery import Discovery
 from exo.networking.grpc_transport import PeerError, PeerHandle, RPCServer
 from exo.networking.peer_info import PeerInfo
-from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts
+from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts, decode_message
 from exo.orchestration.ring_verifier import ResultInbox
 from exo.speculative.events import EventBus
 from exo.topology.partitioning import Stage, partition_by_memory
@@ -40,7 +40,7 @@ class Cluster:
         self.member = RingMember(info.node_id, engine, self.call, events, timeouts)
         self.handlers = {
             "Health": self._on_health,
-            "Prepare": self.member.on_prepare,
+            "Prepare": self._on_prepare,
             "Forward": self.member.on_forward,
             "Result": self.inbox.on_result,
             "Event": self.member.on_event,
@@ -49,7 +49,8 @@ class Cluster:
         self.server = RPCServer(info.host, info.port, self.handlers)
         self._prepared: tuple | None = None
         self._prepare_lock = anyio.Lock()
-        self._handles: dict[str, PeerHandle] = {}
+        self._handles: dict[str, PeerHandle] = {}  # every peer ever reached, healthy or not
+        self._prepare_decoder = wire.decoder(wire.Prepare)
 
     @property
     def id(self) -> str:
@@ -106,6 +107,14 @@ class Cluster:
             self._prepared = None
             log.warning("node %s: peer %s left the ring: %s", self.id, peer_id, why)
 
+    async def _on_prepare(self, payload: bytes) -> bytes:
+        prepare = decode_message(self._prepare_decoder, payload)
+        for info in prepare.nodes:  # the origin's view: reach stages this node has not discovered yet
+            if info.node_id != self.id and info.node_id not in self._handles:
+                self._handles[info.node_id] = PeerHandle(info, self.link_delay_s)
+        await self.member.load_stage(prepare)
+        return wire.encode(wire.Ack())
+
     async def _on_health(self, payload: bytes) -> bytes:
         return wire.encode(wire.Health(self.info))
 
@@ -121,9 +130,9 @@ class Cluster:
         if node_id == self.id:
             with anyio.fail_after(timeout_s):
                 return await self.handlers[method](payload)
-        handle = self.peers.get(node_id)
+        handle = self.peers.get(node_id) or self._handles.get(node_id)
         if handle is None:
-            raise PeerError(f"node {node_id} is not a healthy peer of {self.id}")
+            raise PeerError(f"node {self.id} does not know how to reach node {node_id}")
         return await handle.call(method, payload, timeout_s)
 
     async def prepare(self, model_id: str, n_layers: int, ring: list[Stage]) -> None:
@@ -132,7 +141,7 @@ class Cluster:
         async with self._prepare_lock:
             if self._prepared == key:
                 return
-            payload = wire.encode(wire.Prepare(model_id, n_layers, ring))
+            payload = wire.encode(wire.Prepare(model_id, n_layers, ring, self.nodes()))
             failures: list[str] = []
 
             async def one(stage: Stage) -> None:

@@ -104,21 +104,18 @@ class RingMember:
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
         self._forward = wire.decoder(wire.Forward)
-        self._prepare = wire.decoder(wire.Prepare)
         self._release = wire.decoder(wire.Release)
 
     # -- handlers (bytes in, bytes out) ----------------------------------------------------
-    async def on_prepare(self, payload: bytes) -> bytes:
-        prepare = _decode(self._prepare, payload)
+    async def load_stage(self, prepare: wire.Prepare) -> None:
         stage = next((s for s in prepare.ring if s.node_id == self.id), None)
         if stage is None:
             raise BadMessage(f"node {self.id} is not in the ring it was asked to prepare")
         await self.engine.ensure_shard(Shard(prepare.model_id, stage.start_layer, stage.end_layer, prepare.n_layers))
-        return wire.encode(wire.Ack())
 
     async def on_forward(self, payload: bytes) -> bytes:
         """Queue the pass and answer at once: the predecessor must not wait for our compute."""
-        forward = _decode(self._forward, payload)
+        forward = decode_message(self._forward, payload)
         header = forward.header
         if not 0 <= forward.hop < len(header.ring) or header.ring[forward.hop].node_id != self.id:
             raise BadMessage(f"pass for stage {forward.hop} of request {header.request_id} sent to node {self.id}")
@@ -140,7 +137,7 @@ class RingMember:
         return wire.encode(wire.Ack())
 
     async def on_release(self, payload: bytes) -> bytes:
-        self.release(_decode(self._release, payload).request_id)
+        self.release(decode_message(self._release, payload).request_id)
         return wire.encode(wire.Ack())
 
     def release(self, request_id: str) -> None:
@@ -289,7 +286,7 @@ class RingMember:
             log.warning("node %s: %s to %s failed: %s", self.id, method, node_id, exc)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes):
+def decode_message(decoder: msgspec.msgpack.Decoder, payload: bytes):
     try:
         return decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -1,0 +1,101 @@
+"""A ring of real `exo` node processes on loopback, found through a peers file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.api_server import free_port
+
+
+class RingCluster:
+    """Node 0 has the most memory, so it holds layer 0, runs the draft and serves the API."""
+
+    def __init__(self, workdir: Path, n: int, model: str, draft: str, *, ring_timeout_s: float = 30.0,
+                 extra: tuple[str, ...] = ()):
+        self.workdir, self.n, self.model, self.draft = workdir, n, model, draft
+        self.ring_timeout_s, self.extra = ring_timeout_s, extra
+        self.rpc_ports = [free_port() for _ in range(n)]
+        self.api_ports = [free_port() for _ in range(n)]
+        self.peers_file = workdir / "peers.json"
+        self.peers_file.write_text(json.dumps({"peers": {
+            self.node_id(i): {"address": "127.0.0.1", "port": self.rpc_ports[i]} for i in range(n)}}))
+        self.procs: list[subprocess.Popen | None] = [None] * n
+
+    def node_id(self, i: int) -> str:
+        return f"node{i}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_ports[0]}"
+
+    def start(self, i: int) -> None:
+        log = open(self.workdir / f"{self.node_id(i)}.log", "a")
+        args = [sys.executable, "-m", "exo.main", "--node-id", self.node_id(i), "--node-host", "127.0.0.1",
+                "--node-port", str(self.rpc_ports[i]), "--host", "127.0.0.1",
+                "--chatgpt-api-port", str(self.api_ports[i]), "--discovery-module", "manual",
+                "--discovery-config-path", str(self.peers_file), "--default-model", self.model,
+                "--draft-model", self.draft, "--node-memory", str(self.n + 1 - (1 if i else 0)),
+                "--ring-timeout", str(self.ring_timeout_s), *self.extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ring(self, size: int | None = None, timeout_s: float = 90.0) -> None:
+        """Until node 0 sees `size` healthy nodes (all by default)."""
+        size = size or self.n
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for i, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"{self.node_id(i)} exited: {self.log(i)[-2000:]}")
+            try:
+                nodes = httpx.get(f"{self.url}/v1/topology", timeout=5).json()["nodes"]
+                if len(nodes) == size:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"ring of {size} not formed; node0 log:\n{self.log(0)[-3000:]}")
+
+    def log(self, i: int) -> str:
+        return (self.workdir / f"{self.node_id(i)}.log").read_text(errors="replace")
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[i]
+        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+
+    def __enter__(self) -> "RingCluster":
+        for i in range(self.n):
+            self.start(i)
+        self.wait_ring()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+def complete(url: str, prompt: str, max_tokens: int, speculative: dict | None = None, timeout: float = 120,
+             **extra) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    if speculative is not None:
+        body["speculative"] = speculative
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)

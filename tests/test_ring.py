@@ -1,0 +1,137 @@
+"""Rings of real node processes on loopback: exact output, exact KV on every stage, faults."""
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from exo.speculative.config import SpeculativeConfig
+from tests.api_server import running_api
+from tests.ring_cluster import RingCluster, complete
+
+MODES = {
+    "plain": None,
+    "sequential": {"enabled": True, "draft_tokens": 4, "adaptive_speculation": False},
+    "pipelined": {"enabled": True, "pipelined": True, "draft_tokens": 3, "adaptive_speculation": False},
+}
+PROMPTS = ["def fibonacci(n):", "The capital of France is"]
+
+
+def single_node_outputs(model: str, draft: str, max_tokens: int) -> dict[str, dict]:
+    with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
+        return {p: complete(url, p, max_tokens).json() for p in PROMPTS}
+
+
+def assert_same(ring: dict, single: dict) -> None:
+    assert ring["choices"][0]["text"] == single["choices"][0]["text"]
+    assert ring["usage"]["completion_tokens"] == single["usage"]["completion_tokens"]
+
+
+def stage_offsets(url: str, request_id: str) -> dict[str, dict[str, int]]:
+    return httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["cluster"]["requests"][request_id]
+
+
+def assert_stages_in_step(url: str, request_id: str, nodes: list[str], timeout_s: float = 10) -> None:
+    """Every stage reported the same cache length after every block's rollback.
+
+    The final block's rollback may reach a stage after the request was released (nothing is
+    left to trim then), so only that block may be missing. Reports from remote stages travel
+    in the background: wait for them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        offsets = stage_offsets(url, request_id)
+        blocks = {node: {int(b): o for b, o in per_node.items()} for node, per_node in offsets.items()}
+        last = max((max(b) for b in blocks.values()), default=0)
+        every = set(range(last))
+        if sorted(blocks) == sorted(nodes) and all(every <= set(b) for b in blocks.values()):
+            break
+        assert time.monotonic() < deadline, f"stage reports incomplete: {offsets}"
+        time.sleep(0.1)
+    assert last > 0
+    for block in range(last + 1):
+        seen = {node: b[block] for node, b in blocks.items() if block in b}
+        assert len(set(seen.values())) == 1, f"block {block}: stages hold {seen}"
+
+
+def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_llama, tiny_llama_other):
+    """A bad draft forces rejections on most blocks; every stage must trim to the same length."""
+    model, draft = str(tiny_llama), str(tiny_llama_other)
+    single = single_node_outputs(model, draft, 40)
+    with RingCluster(tmp_path, 3, model, draft) as cluster:
+        ring = httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()
+        for mode, speculative in MODES.items():
+            for prompt in PROMPTS:
+                response = complete(cluster.url, prompt, 40, speculative)
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert_same(body, single[prompt])
+                assert_stages_in_step(cluster.url, body["id"], ["node0", "node1", "node2"])
+                if speculative is not None:
+                    spec = body["usage"]["speculative"]
+                    assert spec["drafted_tokens"] > 0 and spec["acceptance_rate"] < 1.0, (mode, spec)
+        topology = httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()
+    assert [s["node_id"] for s in topology["ring"]] == ["node0", "node1", "node2"]
+    assert [(s["start_layer"], s["end_layer"]) for s in topology["ring"]] == [(0, 1), (2, 2), (3, 3)]
+    assert len(ring["nodes"]) == 3
+
+
+@pytest.fixture(scope="module")
+def smollm2_ring(tmp_path_factory, smollm2_dir, smollm2_early_exit):
+    with RingCluster(tmp_path_factory.mktemp("ring2"), 2, str(smollm2_dir), str(smollm2_early_exit),
+                     ring_timeout_s=6) as cluster:
+        yield cluster
+
+
+def test_two_node_ring_with_a_real_model_equals_single_node(smollm2_ring, smollm2_dir, smollm2_early_exit):
+    single = single_node_outputs(str(smollm2_dir), str(smollm2_early_exit), 32)
+    for mode, speculative in MODES.items():
+        for prompt in PROMPTS:
+            body = complete(smollm2_ring.url, prompt, 32, speculative).json()
+            assert_same(body, single[prompt])
+            if speculative is not None:
+                assert body["usage"]["speculative"]["accepted_tokens"] > 0, mode
+    metrics = httpx.get(f"{smollm2_ring.url}/v1/speculative/metrics", timeout=10).json()["cluster"]
+    assert set(metrics["nodes"]) == {"node0", "node1"}
+    assert all(n["forwards"] > 0 and n["forward_seconds"] > 0 for n in metrics["nodes"].values())
+
+
+def stream_until_error(url: str, after_chunks: int, fault) -> tuple[list[dict], float]:
+    """Stream a long generation, call `fault()` after some chunks; returns events and seconds from the fault."""
+    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": True}
+    events, faulted = [], None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            events.append(json.loads(line[6:]))
+            if len(events) == after_chunks:
+                fault()
+                faulted = time.monotonic()
+    assert faulted is not None, f"the stream ended before the fault: {events}"
+    return events, time.monotonic() - faulted
+
+
+def test_a_stalled_node_fails_the_request_within_the_timeout(smollm2_ring):
+    cluster = smollm2_ring
+    events, seconds = stream_until_error(cluster.url, 5, lambda: cluster.kill(1, signal.SIGSTOP))
+    cluster.kill(1, signal.SIGCONT)
+    assert "error" in events[-1], events[-1]
+    assert "cluster" in events[-1]["error"]["message"]
+    assert seconds < cluster.ring_timeout_s + 10
+    assert complete(cluster.url, PROMPTS[1], 8).status_code == 200  # the ring serves again
+
+
+def test_a_killed_node_fails_the_request_and_the_healed_ring_serves(smollm2_ring, smollm2_dir, smollm2_early_exit):
+    cluster = smollm2_ring
+    events, seconds = stream_until_error(cluster.url, 5, lambda: cluster.kill(1))
+    assert "error" in events[-1] and "node1" in events[-1]["error"]["message"], events[-1]
+    assert seconds < cluster.ring_timeout_s + 10
+    cluster.start(1)
+    cluster.wait_ring(2)
+    single = single_node_outputs(str(smollm2_dir), str(smollm2_early_exit), 16)
+    body = complete(cluster.url, PROMPTS[0], 16, MODES["sequential"]).json()
+    assert_same(body, {**single[PROMPTS[0]], "usage": {"completion_tokens": 16}})
+    assert httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()["ring"][1]["node_id"] == "node1"
