@@ -19,9 +19,14 @@ MODES = {
 PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 
 
+SAMPLED = {"temperature": 0.9, "seed": 3}
+
+
 def single_node_outputs(model: str, draft: str, max_tokens: int) -> dict[str, dict]:
     with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
-        return {p: complete(url, p, max_tokens).json() for p in PROMPTS}
+        outputs = {p: complete(url, p, max_tokens).json() for p in PROMPTS}
+        outputs["sampled"] = complete(url, PROMPTS[0], max_tokens, **SAMPLED).json()
+        return outputs
 
 
 def assert_same(ring: dict, single: dict) -> None:
@@ -72,6 +77,13 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
                 if speculative is not None:
                     spec = body["usage"]["speculative"]
                     assert spec["drafted_tokens"] > 0 and spec["acceptance_rate"] < 1.0, (mode, spec)
+        # Sampling happens on the last stage with the request's seed: plain ring decoding draws
+        # exactly what one node draws; speculative sampling (draft probabilities sent along) is
+        # reproducible with its seed.
+        assert_same(complete(cluster.url, PROMPTS[0], 40, **SAMPLED).json(), single["sampled"])
+        sampled = [complete(cluster.url, PROMPTS[0], 40, MODES["sequential"], **SAMPLED).json() for _ in range(2)]
+        assert sampled[0]["choices"][0]["text"] == sampled[1]["choices"][0]["text"]
+        assert sampled[0]["usage"]["speculative"]["drafted_tokens"] > 0
         topology = httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()
     assert [s["node_id"] for s in topology["ring"]] == ["node0", "node1", "node2"]
     assert [(s["start_layer"], s["end_layer"]) for s in topology["ring"]] == [(0, 1), (2, 2), (3, 3)]

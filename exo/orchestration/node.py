@@ -99,8 +99,9 @@ class Node:
         try:
             verifier = None
             if self._ring is not None and self.cluster is not None:
-                verifier = RingVerifier(self.id, self.cluster.call, self.cluster.inbox, self._ring, shard.model_id,
-                                        shard.n_layers, request_id, params, self.pass_timeout_s,
+                cluster = self.cluster
+                verifier = RingVerifier(self.id, cluster.call, cluster.member.spawn, cluster.inbox, self._ring,
+                                        shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
                                         self.cluster.timeouts.send_s)
             stream = self.engine.generate(shard, prompt, params, config or self.config, request_id,
                                           verifier=verifier)

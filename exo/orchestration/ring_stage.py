@@ -31,6 +31,7 @@ from exo.speculative.verifier import BlockJudge
 
 log = logging.getLogger("exo.ring")
 Send = Callable[[str, str, bytes, float], Awaitable[bytes]]  # (node id, method, payload, timeout)
+Spawn = Callable[[str, str, bytes], None]  # send in the background, failures logged
 
 
 class RingError(RuntimeError):
@@ -195,7 +196,7 @@ class RingMember:
         rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(), shard=_label(stage, header),
                               keep_tokens=result.kept, block=header.seq)
         for other in {s.node_id for s in header.ring} - {self.id}:
-            self._spawn(other, "Event", self.codec.encode(rollback))
+            self.spawn(other, "Event", self.codec.encode(rollback))
         self._report(state, header.seq, rid)
         await self._deliver(header.origin, "Result", wire.encode(result))
 
@@ -271,13 +272,15 @@ class RingMember:
             self.reports.record(report)
             self.events.publish(report)
         else:
-            self._spawn(state.origin, "Event", self.codec.encode(report))
+            self.spawn(state.origin, "Event", self.codec.encode(report))
 
     # -- sending ------------------------------------------------------------------------------
-    def _spawn(self, node_id: str, method: str, payload: bytes) -> None:
+    def spawn(self, node_id: str, method: str, payload: bytes) -> None:
         """Send in the background (events must not hold up the critical path)."""
-        if self.group is not None:
-            self.group.start_soon(self._deliver, node_id, method, payload)
+        if self.group is None:
+            log.warning("node %s is not serving: %s to %s not sent", self.id, method, node_id)
+            return
+        self.group.start_soon(self._deliver, node_id, method, payload)
 
     async def _deliver(self, node_id: str, method: str, payload: bytes) -> None:
         try:

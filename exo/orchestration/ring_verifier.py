@@ -17,7 +17,7 @@ import numpy as np
 from exo.inference.generate import GenerationParams
 from exo.networking import wire
 from exo.networking.grpc_transport import BadMessage
-from exo.orchestration.ring_stage import RingError, Send
+from exo.orchestration.ring_stage import RingError, Send, Spawn
 from exo.speculative.proposer import DraftBlock
 from exo.speculative.verifier import Verdict, block_inputs, expected_cache
 from exo.topology.partitioning import Stage
@@ -76,10 +76,10 @@ class RingTimes:
 
 
 class RingVerifier:
-    def __init__(self, node_id: str, send: Send, inbox: ResultInbox, ring: list[Stage], model_id: str,
-                 n_layers: int, request_id: str, params: GenerationParams, pass_timeout_s: float,
+    def __init__(self, node_id: str, send: Send, spawn: Spawn, inbox: ResultInbox, ring: list[Stage],
+                 model_id: str, n_layers: int, request_id: str, params: GenerationParams, pass_timeout_s: float,
                  send_timeout_s: float):
-        self.node_id, self.send, self.inbox, self.ring = node_id, send, inbox, ring
+        self.node_id, self.send, self.spawn, self.inbox, self.ring = node_id, send, spawn, inbox, ring
         self.model_id, self.n_layers, self.request_id, self.params = model_id, n_layers, request_id, params
         self.pass_timeout_s, self.send_timeout_s = pass_timeout_s, send_timeout_s
         self.pending = False  # mirrors the last stage's held row (see BlockJudge)
@@ -129,16 +129,8 @@ class RingVerifier:
         return result
 
     async def close(self) -> None:
-        """Free the request on every stage (best effort, bounded; runs even when cancelled)."""
+        """Free the request on every stage, in the background: a dead or stalled stage must not
+        hold up the answer (its sender gives up after its own timeout)."""
         release = wire.encode(wire.Release(self.request_id))
-
-        async def one(node_id: str) -> None:
-            try:
-                await self.send(node_id, "Release", release, self.send_timeout_s)
-            except Exception as exc:  # a dead stage has nothing left to free
-                log.warning("could not release request %s on node %s: %s", self.request_id, node_id, exc)
-
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as group:
-                for stage in self.ring:
-                    group.start_soon(one, stage.node_id)
+        for stage in self.ring:
+            self.spawn(stage.node_id, "Release", release)
