@@ -68,6 +68,7 @@ class Cluster:
                     group.start_soon(self._health_loop, group)
                 log.info("node %s: RPC on %s:%d", self.id, self.info.host, self.server.port)
                 task_status.started()
+                await anyio.sleep_forever()  # background sends run in this group until cancelled
         finally:
             self.member.group = None
             with anyio.CancelScope(shield=True):

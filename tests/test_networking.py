@@ -1,0 +1,105 @@
+"""The transport and the ring protocol in one process: payloads, rejections, counters."""
+
+from contextlib import asynccontextmanager
+
+import anyio
+import numpy as np
+import pytest
+
+from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.networking import wire
+from exo.networking.grpc_transport import PeerError, PeerHandle
+from exo.networking.peer_info import PeerInfo
+from exo.inference.shard import Shard
+from exo.orchestration.cluster import Cluster
+from exo.orchestration.ring_stage import StageState
+from exo.speculative.events import EventBus, EventCodec, KVRollback
+from tests.api_server import free_port
+
+
+def test_tensor_bytes_round_trip_and_length_check():
+    array = np.arange(24, dtype=np.float32).reshape(1, 4, 6)
+    assert np.array_equal(wire.TensorBytes.of(array).array(), array)
+    bad = wire.TensorBytes("<f4", [1, 4, 7], array.tobytes())
+    with pytest.raises(ValueError, match="needs"):
+        bad.array()
+
+
+def test_probability_rows_go_sparse_only_when_it_is_smaller():
+    rng = np.random.default_rng(0)
+    dense = rng.random((3, 50)).astype(np.float32)
+    sparse = np.zeros((3, 50), dtype=np.float32)
+    sparse[[0, 1, 2], [4, 9, 49]] = [0.5, 1.0, 0.25]
+    for rows, is_dense in ((dense, True), (sparse, False)):
+        encoded = wire.SparseRows.of(rows)
+        assert (encoded.dense is not None) is is_dense
+        decoded = msgspec_round_trip(encoded).array()
+        assert decoded.dtype == rows.dtype and np.array_equal(decoded, rows)
+
+
+def msgspec_round_trip(message):
+    return wire.decoder(type(message)).decode(wire.encode(message))
+
+
+@asynccontextmanager
+async def serving_node():
+    """A node's RPC server (no peers) and a handle to it, as a peer would hold it."""
+    info = PeerInfo("solo", "127.0.0.1", free_port(), 1)
+    cluster = Cluster(info, MLXInferenceEngine(), EventBus(), discovery=None)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(cluster.run)
+            handle = PeerHandle(info)
+            try:
+                yield cluster, handle
+            finally:
+                await handle.close()
+                group.cancel_scope.cancel()
+    finally:
+        cluster.member.engine.close()
+
+
+async def test_health_reply_carries_the_node_info():
+    async with serving_node() as (cluster, handle):
+        reply = wire.decoder(wire.Health).decode(await handle.call("Health", b"", 5))
+        assert reply.info == cluster.info
+
+
+async def test_corrupt_and_misrouted_messages_are_rejected_and_counted():
+    async with serving_node() as (cluster, handle):
+        for method, payload in (("Forward", b"\x93garbage"), ("Result", b"\x00"), ("Event", b"not msgpack"),
+                                ("Release", wire.encode(wire.Ack()))):
+            with pytest.raises(PeerError, match="INVALID_ARGUMENT"):
+                await handle.call(method, payload, 5)
+        assert cluster.server.rejected == 4
+        header = wire.BlockHeader("r", "solo", "m", 4, [], 0, 0, [1], 0, wire.GenerationParams())
+        with pytest.raises(PeerError, match="sent to node solo"):
+            await handle.call("Forward", wire.encode(wire.Forward(header, 0)), 5)
+        # A verdict nobody waits for (late, duplicated or out of order) is refused and counted.
+        with pytest.raises(PeerError, match="no pass waits"):
+            await handle.call("Result", wire.encode(wire.Result("r", 3, "other")), 5)
+        assert cluster.inbox.rejected == 2
+
+
+async def test_out_of_order_rollback_fails_the_request_instead_of_trimming(tiny_llama):
+    async with serving_node() as (cluster, handle):
+        member = cluster.member
+        shard = Shard(str(tiny_llama), 0, 3, 4)
+        await member.engine.infer_tensor("req", shard, np.asarray([[1, 2, 3, 4, 5]]))
+        member.states["req"] = StageState(shard, "solo", applied=0)
+        codec = EventCodec()
+        skip = KVRollback(request_id="req", keep_tokens=2, block=2)  # block 1 never came
+        await handle.call("Event", codec.encode(skip), 5)
+        assert member.rejected == 1 and "out of order" in member.states["req"].failed
+        assert member.engine.cache_offset("req") == 5  # nothing was trimmed on a bad announcement
+        unknown = KVRollback(request_id="nobody", keep_tokens=2, block=1)
+        await handle.call("Event", codec.encode(unknown), 5)
+        assert member.rejected == 2
+
+
+async def test_unreachable_peer_is_a_clear_error_within_the_timeout():
+    handle = PeerHandle(PeerInfo("ghost", "127.0.0.1", free_port()))
+    with anyio.fail_after(10):
+        with pytest.raises(PeerError, match="ghost"):
+            await handle.call("Health", b"", 2)
+    await handle.close()
