@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -11,15 +10,10 @@ from typing import Iterator
 import uvicorn
 
 from exo.api.chatgpt_api import ChatGPTAPI
+from exo.devtools.local_ring import free_port
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

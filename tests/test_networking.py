@@ -14,7 +14,7 @@ from exo.inference.shard import Shard
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.ring_stage import StageState
 from exo.speculative.events import EventBus, EventCodec, KVRollback
-from tests.api_server import free_port
+from exo.devtools.local_ring import free_port
 
 
 def test_tensor_bytes_round_trip_and_length_check():

@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
+from exo.devtools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
 from tests.api_server import running_api
-from tests.ring_cluster import RingCluster, complete
 
 MODES = {
     "plain": None,
@@ -17,6 +17,14 @@ MODES = {
     "pipelined": {"enabled": True, "pipelined": True, "draft_tokens": 3, "adaptive_speculation": False},
 }
 PROMPTS = ["def fibonacci(n):", "The capital of France is"]
+
+
+def complete(url: str, prompt: str, max_tokens: int, speculative: dict | None = None, timeout: float = 120,
+             **extra) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    if speculative is not None:
+        body["speculative"] = speculative
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
 
 
 SAMPLED = {"temperature": 0.9, "seed": 3}

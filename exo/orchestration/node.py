@@ -111,8 +111,11 @@ class Node:
                     self._fire_tokens(request_id, tokens, finished)
                     yield tokens
             request = self.engine.requests[request_id]
-            self.recent.append({"request_id": request_id, "model": shard.model_id,
-                                **msgspec.to_builtins(self.engine.request_metrics(request))})
+            entry = {"request_id": request_id, "model": shard.model_id,
+                     **msgspec.to_builtins(self.engine.request_metrics(request))}
+            if isinstance(verifier, RingVerifier):
+                entry["ring"] = {"stages": [msgspec.to_builtins(s) for s in verifier.ring], **verifier.times.summary()}
+            self.recent.append(entry)
         finally:
             self.buffered_token_output.pop(request_id, None)
             self._active -= 1

@@ -74,6 +74,10 @@ class RingTimes:
         """Network, serialisation and waiting: the part of ring time no stage computed."""
         return self.wall - sum(self.compute.values())
 
+    def summary(self) -> dict:
+        return {"passes": self.passes, "wall_seconds": self.wall, "overhead_seconds": self.overhead,
+                "compute_seconds": [self.compute.get(i, 0.0) for i in range(max(self.compute, default=-1) + 1)]}
+
 
 class RingVerifier:
     def __init__(self, node_id: str, send: Send, spawn: Spawn, inbox: ResultInbox, ring: list[Stage],

@@ -1,27 +1,36 @@
-"""A ring of real `exo` node processes on loopback, found through a peers file."""
+"""A ring of real `exo` node processes on loopback, found through a peers file.
+
+Used by the ring tests and `bench/ring_decode.py`; also handy to try a cluster on one machine.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import httpx
 
-from tests.api_server import free_port
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RingCluster:
     """Node 0 has the most memory, so it holds layer 0, runs the draft and serves the API."""
 
     def __init__(self, workdir: Path, n: int, model: str, draft: str, *, ring_timeout_s: float = 30.0,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), cpus: list[list[int]] | None = None):
+        """`cpus[i]`: pin node i to these CPUs (and give it that many BLAS threads)."""
         self.workdir, self.n, self.model, self.draft = workdir, n, model, draft
-        self.ring_timeout_s, self.extra = ring_timeout_s, extra
+        self.ring_timeout_s, self.extra, self.cpus = ring_timeout_s, extra, cpus
         self.rpc_ports = [free_port() for _ in range(n)]
         self.api_ports = [free_port() for _ in range(n)]
         self.peers_file = workdir / "peers.json"
@@ -45,7 +54,12 @@ class RingCluster:
                 "--draft-model", self.draft, "--node-memory", str(self.n + 1 - (1 if i else 0)),
                 "--ring-timeout", str(self.ring_timeout_s), *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cpus = self.cpus[i] if self.cpus else None
+        if cpus:
+            env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(len(cpus))
         self.procs[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if cpus:
+            os.sched_setaffinity(self.procs[i].pid, cpus)  # before it starts any thread of its own
 
     def wait_ring(self, size: int | None = None, timeout_s: float = 90.0) -> None:
         """Until node 0 sees `size` healthy nodes (all by default)."""
@@ -56,13 +70,16 @@ class RingCluster:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{self.node_id(i)} exited: {self.log(i)[-2000:]}")
             try:
-                nodes = httpx.get(f"{self.url}/v1/topology", timeout=5).json()["nodes"]
-                if len(nodes) == size:
+                if len(self.topology()["nodes"]) == size:
                     return
-            except httpx.HTTPError:
-                pass
+            except (urllib.error.URLError, OSError):
+                pass  # not serving yet
             time.sleep(0.2)
         raise TimeoutError(f"ring of {size} not formed; node0 log:\n{self.log(0)[-3000:]}")
+
+    def topology(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/v1/topology", timeout=5) as response:
+            return json.loads(response.read())
 
     def log(self, i: int) -> str:
         return (self.workdir / f"{self.node_id(i)}.log").read_text(errors="replace")
@@ -91,11 +108,3 @@ class RingCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-
-
-def complete(url: str, prompt: str, max_tokens: int, speculative: dict | None = None, timeout: float = 120,
-             **extra) -> httpx.Response:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-    if speculative is not None:
-        body["speculative"] = speculative
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)

@@ -1,0 +1,188 @@
+"""A target split over a ring of node processes: plain ring decoding vs speculation, per link latency.
+
+    .venv/bin/python bench/ring_decode.py [--nodes 1 2 3] [--delays 0 5 20 50] [--max-tokens 64]
+        [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b] [--prompts code]
+
+Each ring is real `exo` node processes on loopback (gRPC between them), each pinned to one
+core with one BLAS thread where the machine has enough cores; node 0 holds layer 0, runs the
+draft and serves the API. Link latency is injected by the transport (`--link-delay-ms`, a
+one-way delay on every message to a peer): this kernel has no netem qdisc, so real network
+emulation on a veth pair is not available here. A 1-node "ring" is the same node alone.
+
+Per (nodes, delay, mode, prompt): decode tokens/s (first to last streamed token), the speed-up
+over plain ring decoding in the same cluster, acceptance, and the origin's time breakdown:
+compute per stage, ring overhead (network + serialisation + waiting), draft busy/idle.
+Writes bench/results/ring_decode.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import RESULTS, machine, median, save
+from speculative_decode import PROMPTS
+
+MODES = {
+    "plain ring": None,
+    "sequential": {"enabled": True},
+    "pipelined": {"enabled": True, "pipelined": True},
+}
+
+
+def post_json(url: str, body: dict, timeout: float = 1800) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def stream_chat(url: str, prompt: str, max_tokens: int, speculative: dict | None) -> dict:
+    """Stream one greedy chat completion; time the first and the last token."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    if speculative is not None:
+        body["speculative"] = speculative
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    pieces, stamps = [], []
+    with urllib.request.urlopen(request, timeout=1800) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            choice = event["choices"][0]
+            if choice["finish_reason"] is None:
+                stamps.append(time.perf_counter())
+                pieces.append(choice["delta"].get("content") or "")
+    decode_s = stamps[-1] - stamps[0]
+    return {"text": "".join(pieces), "tokens": len(stamps), "decode_seconds": decode_s,
+            "tokens_per_second": (len(stamps) - 1) / decode_s}
+
+
+def last_request(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/v1/speculative/metrics", timeout=30) as response:
+        return json.loads(response.read())["recent"][-1]
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    import exo  # noqa: F401  (model cards, BLAS)
+    from exo.devtools.local_ring import RingCluster
+    from exo.inference.sources import model_dir_for
+
+    target, draft = str(model_dir_for(args.target)), str(model_dir_for(args.draft))
+    cores = sorted(os.sched_getaffinity(0))
+    rows = []
+    for n in args.nodes:
+        for delay in (args.delays if n > 1 else [0]):
+            cpus = [[cores[i % len(cores)]] for i in range(n)] if n > 1 else None
+            with tempfile.TemporaryDirectory() as tmp, RingCluster(
+                    Path(tmp), n, target, draft, ring_timeout_s=600, cpus=cpus,
+                    extra=("--link-delay-ms", str(delay))) as cluster:
+                for mode, speculative in MODES.items():  # load every stage and the draft, warm adaptive K
+                    stream_chat(cluster.url, PROMPTS["code"], 8, speculative)
+                for kind in args.prompts:
+                    for mode, speculative in MODES.items():
+                        runs = [stream_chat(cluster.url, PROMPTS[kind], args.max_tokens, speculative)
+                                for _ in range(args.repeats)]
+                        info = last_request(cluster.url)
+                        ring = info.get("ring") or {}
+                        row = {"nodes": n, "delay_ms": delay, "mode": mode, "prompt": kind,
+                               "tokens_per_second": median([r["tokens_per_second"] for r in runs]),
+                               "runs": runs, "text": runs[-1]["text"],
+                               "acceptance_rate": info["acceptance_rate"],
+                               "mean_accepted_length": info["mean_accepted_length"],
+                               "ring_passes": ring.get("passes"), "ring_wall_seconds": ring.get("wall_seconds"),
+                               "ring_overhead_seconds": ring.get("overhead_seconds"),
+                               "stage_compute_seconds": ring.get("compute_seconds"),
+                               "stages": ring.get("stages"), "draft_time": info["draft_time"],
+                               "pipeline_busy": info["pipeline_busy"], "pipeline_idle": info["pipeline_idle"]}
+                        rows.append(row)
+                        print(f"{n} nodes {delay:4g} ms {mode:11s} {kind:5s} {row['tokens_per_second']:5.2f} tok/s "
+                              f"acceptance {row['acceptance_rate']:.2f} passes {row['ring_passes']} "
+                              f"overhead {row['ring_overhead_seconds'] or 0:.1f} s", flush=True)
+                        save("ring_decode.partial", {"rows": rows})
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    table = []
+    for row in rows:
+        plain = next(r for r in rows if (r["nodes"], r["delay_ms"], r["prompt"], r["mode"]) ==
+                     (row["nodes"], row["delay_ms"], row["prompt"], "plain ring"))
+        sequential = next(r for r in rows if (r["nodes"], r["delay_ms"], r["prompt"], r["mode"]) ==
+                          (row["nodes"], row["delay_ms"], row["prompt"], "sequential"))
+        table.append({k: row[k] for k in ("nodes", "delay_ms", "mode", "prompt", "tokens_per_second",
+                                          "acceptance_rate", "mean_accepted_length", "ring_passes",
+                                          "ring_wall_seconds", "ring_overhead_seconds", "stage_compute_seconds",
+                                          "draft_time", "pipeline_busy", "pipeline_idle")}
+                     | {"vs_plain_ring": row["tokens_per_second"] / plain["tokens_per_second"],
+                        "vs_sequential": row["tokens_per_second"] / sequential["tokens_per_second"],
+                        "identical_to_plain": row["text"] == plain["text"]})
+    return table
+
+
+def plot(table: list[dict], prompt: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r["prompt"] == prompt]
+    setups = list(dict.fromkeys((r["nodes"], r["delay_ms"]) for r in rows))
+    labels = [f"{n} node{'s' if n > 1 else ''}\n{d} ms" for n, d in setups]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.6))
+    width = 0.8 / len(MODES)
+    for j, mode in enumerate(MODES):
+        values = [next(r["tokens_per_second"] for r in rows if (r["nodes"], r["delay_ms"], r["mode"]) == (*s, mode))
+                  for s in setups]
+        axes[0].bar([i + j * width for i in range(len(setups))], values, width, label=mode)
+    axes[0].set_xticks([i + width for i in range(len(setups))], labels, fontsize=8)
+    axes[0].set_title(f"decode tokens/s ({prompt} prompt), per ring size and one-way hop delay")
+    axes[0].legend(fontsize=8)
+    sequential = [r for r in rows if r["mode"] == "sequential" and r["nodes"] > 1]
+    plain = [r for r in rows if r["mode"] == "plain ring" and r["nodes"] > 1]
+    for offset, group, name in ((0.0, plain, "plain"), (0.4, sequential, "spec")):
+        xs = [i + offset for i in range(len(group))]
+        compute = [sum(r["stage_compute_seconds"] or []) for r in group]
+        overhead = [r["ring_overhead_seconds"] or 0 for r in group]
+        axes[1].bar(xs, compute, 0.38, label=f"{name}: stage compute", alpha=0.9)
+        axes[1].bar(xs, overhead, 0.38, bottom=compute, label=f"{name}: network + waiting", alpha=0.6)
+    axes[1].set_xticks([i + 0.2 for i in range(len(sequential))],
+                       [f"{r['nodes']}n {r['delay_ms']}ms" for r in sequential], fontsize=8)
+    axes[1].set_title("seconds in the ring per request: plain vs speculative")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ring_decode.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 5, 20, 50])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--prompts", nargs="+", default=["code"], choices=sorted(PROMPTS))
+    args = parser.parse_args()
+    rows = measure(args)
+    table = summarise(rows)
+    save("ring_decode", {"machine": machine(), "args": vars(args), "summary": table, "runs": rows})
+    (RESULTS / "ring_decode.partial.json").unlink(missing_ok=True)
+    plot(table, args.prompts[0])
+    for e in table:
+        print(f"| {e['nodes']} | {e['delay_ms']:g} | {e['mode']} | {e['tokens_per_second']:.2f} | "
+              f"{e['vs_plain_ring']:.2f}x | {e['vs_sequential']:.2f}x | {e['acceptance_rate']:.2f} | "
+              f"{e['identical_to_plain']} |")
+
+
+if __name__ == "__main__":
+    main()
