@@ -48,7 +48,7 @@ async def serve_command(args: argparse.Namespace) -> int:
 
     node = Node(node_id, lambda: make_engine_pair(args.placement), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
-                cluster=cluster, pass_timeout_s=args.ring_timeout)
+                cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node)
     try:
         async with anyio.create_task_group() as group:
             await group.start(node.cluster.run)

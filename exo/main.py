@@ -57,6 +57,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--listen-port", type=int, default=5678, help="UDP discovery port (default 5678)")
     group.add_argument("--node-memory", type=float, default=None,
                        help="memory in GB announced for layer partitioning (default: this machine's)")
+    group.add_argument("--draft-node", default=None,
+                       help="node id that runs the draft and schedules requests (default: the node holding layer 0)")
     group.add_argument("--ring-timeout", type=float, default=60.0,
                        help="seconds a block may take round the ring before the request fails (default 60)")
     group.add_argument("--link-delay-ms", type=float, default=0.0,

@@ -85,6 +85,11 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
                 if speculative is not None:
                     spec = body["usage"]["speculative"]
                     assert spec["drafted_tokens"] > 0 and spec["acceptance_rate"] < 1.0, (mode, spec)
+        # Any node's API serves: node 2 streams the request from the draft node (node 0).
+        for mode in ("plain", "pipelined"):
+            body = complete(cluster.api_url(2), PROMPTS[0], 40, MODES[mode]).json()
+            assert_same(body, single[PROMPTS[0]])
+            assert (body["usage"]["speculative"] is None) is (mode == "plain")
         # Sampling happens on the last stage with the request's seed: plain ring decoding draws
         # exactly what one node draws; speculative sampling (draft probabilities sent along) is
         # reproducible with its seed.
@@ -96,6 +101,18 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
     assert [s["node_id"] for s in topology["ring"]] == ["node0", "node1", "node2"]
     assert [(s["start_layer"], s["end_layer"]) for s in topology["ring"]] == [(0, 1), (2, 2), (3, 3)]
     assert len(ring["nodes"]) == 3
+
+
+def test_the_draft_can_run_on_another_node_than_layer_0(tmp_path, tiny_llama, tiny_llama_other):
+    model, draft = str(tiny_llama), str(tiny_llama_other)
+    single = single_node_outputs(model, draft, 24)
+    with RingCluster(tmp_path, 2, model, draft, extra=("--draft-node", "node1")) as cluster:
+        body = complete(cluster.url, PROMPTS[0], 24, MODES["sequential"]).json()
+        assert_same(body, single[PROMPTS[0]])
+        assert body["usage"]["speculative"]["drafted_tokens"] > 0
+        served = httpx.get(f"{cluster.api_url(1)}/v1/speculative/metrics", timeout=10).json()["recent"]
+        assert [r["request_id"] for r in served] == [body["id"]]  # scheduled (and drafted) on node 1
+        assert httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["recent"] == []
 
 
 @pytest.fixture(scope="module")

@@ -185,14 +185,14 @@ class ChatGPTAPI:
         def finish_reason() -> str:
             if text.stopped:
                 return "stop"
-            spec = self.node.engine.requests.get(request_id)
-            return (spec.finish_reason if spec else None) or "stop"
+            outcome = self.node.outcome(request_id)
+            return (outcome.finish_reason if outcome else None) or "stop"
 
         def usage(completion_tokens: int) -> Usage:
-            spec = self.node.engine.requests.get(request_id)
+            outcome = self.node.outcome(request_id)
             extra = None
-            if spec is not None and config.enabled:
-                snap = self.node.engine.request_metrics(spec)
+            if outcome is not None and outcome.metrics is not None and config.enabled:
+                snap = outcome.metrics
                 extra = {"drafted_tokens": snap.drafted_tokens, "accepted_tokens": snap.accepted_tokens,
                          "acceptance_rate": snap.acceptance_rate,
                          "mean_accepted_length": snap.mean_accepted_length}

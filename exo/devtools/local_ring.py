@@ -43,7 +43,10 @@ class RingCluster:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_ports[0]}"
+        return self.api_url(0)
+
+    def api_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.api_ports[i]}"
 
     def start(self, i: int) -> None:
         log = open(self.workdir / f"{self.node_id(i)}.log", "a")

@@ -9,7 +9,7 @@ link latency for benchmarks on one machine.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import grpc
@@ -28,6 +28,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 Handler = Callable[[bytes], Awaitable[bytes]]
+StreamHandler = Callable[[bytes], AsyncIterator[bytes]]
 
 
 class PeerError(RuntimeError):
@@ -39,8 +40,10 @@ class BadMessage(ValueError):
 
 
 class RPCServer:
-    def __init__(self, host: str, port: int, handlers: dict[str, Handler]):
+    def __init__(self, host: str, port: int, handlers: dict[str, Handler],
+                 streams: dict[str, StreamHandler] | None = None):
         self.host, self.port, self.handlers = host, port, handlers
+        self.streams = streams if streams is not None else {}
         self.rejected = 0
         self._server: grpc.aio.Server | None = None
 
@@ -48,6 +51,8 @@ class RPCServer:
         self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
         methods = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, handler))
                    for name, handler in self.handlers.items()}
+        methods |= {name: grpc.unary_stream_rpc_method_handler(self._wrap_stream(name, handler))
+                    for name, handler in self.streams.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
         bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
@@ -71,6 +76,18 @@ class RPCServer:
             except Exception as exc:  # the peer gets the reason; this node keeps serving
                 log.exception("%s handler failed", name)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return serve
+
+
+    def _wrap_stream(self, name: str, handler: StreamHandler):
+        async def serve(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            try:
+                async for message in handler(request):
+                    yield message
+            except BadMessage as exc:
+                self.rejected += 1
+                log.warning("rejected %s message (%d so far): %s", name, self.rejected, exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return serve
 
 
@@ -103,6 +120,32 @@ class PeerHandle:
                 await self.close()
             raise PeerError(f"{method} to node {self.id} at {self.address} failed: "
                             f"{exc.code().name}: {exc.details()}") from None
+
+    async def stream(self, method: str, payload: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
+        """Messages of a server stream; fails if the peer goes silent for `idle_timeout_s`.
+        Closing the iterator early cancels the call (the peer stops its work)."""
+        if self.delay_s:
+            await anyio.sleep(self.delay_s)
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        call = self._channel.unary_stream(f"/{SERVICE}/{method}")(payload, wait_for_ready=False)
+        try:
+            while True:
+                with anyio.move_on_after(idle_timeout_s) as scope:
+                    message = await call.read()
+                if scope.cancelled_caught:
+                    raise PeerError(f"{method} stream from node {self.id} at {self.address}: "
+                                    f"nothing for {idle_timeout_s:.0f} s")
+                if message is grpc.aio.EOF:
+                    return
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await self.close()
+            raise PeerError(f"{method} stream from node {self.id} at {self.address} failed: "
+                            f"{exc.code().name}: {exc.details()}") from None
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None

@@ -11,6 +11,8 @@ import numpy as np
 
 from exo.inference.generate import GenerationParams
 from exo.networking.peer_info import PeerInfo
+from exo.speculative.config import SpeculativeConfig
+from exo.speculative.metrics import MetricsSnapshot
 from exo.topology.partitioning import Stage
 
 WIRE_VERSION = 1
@@ -111,6 +113,24 @@ class Prepare(msgspec.Struct, frozen=True):
 
 class Release(msgspec.Struct, frozen=True):
     request_id: str
+
+
+class GenerateRequest(msgspec.Struct, frozen=True):
+    """Serve a request on the node that runs the draft (the API may be on any node)."""
+
+    request_id: str
+    model_id: str
+    prompt: list[int]
+    params: GenerationParams
+    config: SpeculativeConfig
+
+
+class GenerateChunk(msgspec.Struct, frozen=True):
+    tokens: list[int] = []
+    finish_reason: str | None = None  # set on the last chunk
+    metrics: MetricsSnapshot | None = None  # set on the last chunk
+    error: str = ""
+    error_kind: str = ""  # "config" (the request is wrong) or "cluster"
 
 
 class Ack(msgspec.Struct, frozen=True):

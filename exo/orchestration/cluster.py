@@ -9,6 +9,7 @@ between two different partitions.
 from __future__ import annotations
 
 import logging
+from typing import AsyncIterator
 
 import anyio
 from anyio.abc import TaskGroup
@@ -16,7 +17,7 @@ from anyio.abc import TaskGroup
 from exo.inference.engine import InferenceEngine
 from exo.networking import wire
 from exo.networking.discovery import Discovery
-from exo.networking.grpc_transport import PeerError, PeerHandle, RPCServer
+from exo.networking.grpc_transport import PeerError, PeerHandle, RPCServer, StreamHandler
 from exo.networking.peer_info import PeerInfo
 from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts, decode_message
 from exo.orchestration.ring_verifier import ResultInbox
@@ -46,7 +47,8 @@ class Cluster:
             "Event": self.member.on_event,
             "Release": self.member.on_release,
         }
-        self.server = RPCServer(info.host, info.port, self.handlers)
+        self.streams: dict[str, StreamHandler] = {}  # the node adds "Generate"
+        self.server = RPCServer(info.host, info.port, self.handlers, self.streams)
         self._prepared: tuple | None = None
         self._prepare_lock = anyio.Lock()
         self._handles: dict[str, PeerHandle] = {}  # every peer ever reached, healthy or not
@@ -131,10 +133,16 @@ class Cluster:
         if node_id == self.id:
             with anyio.fail_after(timeout_s):
                 return await self.handlers[method](payload)
+        return await self._handle(node_id).call(method, payload, timeout_s)
+
+    def stream(self, node_id: str, method: str, payload: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
+        return self._handle(node_id).stream(method, payload, idle_timeout_s)
+
+    def _handle(self, node_id: str) -> PeerHandle:
         handle = self.peers.get(node_id) or self._handles.get(node_id)
         if handle is None:
             raise PeerError(f"node {self.id} does not know how to reach node {node_id}")
-        return await handle.call(method, payload, timeout_s)
+        return handle
 
     async def prepare(self, model_id: str, n_layers: int, ring: list[Stage]) -> None:
         """Every stage loads its layers (once per ring and model); a failure names the node."""

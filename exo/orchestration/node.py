@@ -1,8 +1,9 @@
 """An Exo node: requests in, tokens out, events to subscribers.
 
 Alone, a node runs the whole target itself. With peers (a `Cluster`), the target's layers
-are split over the ring and each block is verified in one pass round it, while the draft
-runs here, on the node that serves the request.
+are split over the ring and each block is verified in one pass round it. The draft and the
+scheduler run on one node, the draft node (by default the one holding layer 0, else
+`draft_node`); a request that reaches the API of another node is streamed from there.
 
 Upstream-compatible in spirit: `process_prompt` / `process_tensor`, per-request token
 buffers, `on_token(request_id, tokens, is_finished)` callbacks (several tokens per call
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
@@ -26,14 +27,22 @@ import numpy as np
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
-from exo.speculative.config import SpeculativeConfig
+from exo.networking import wire
+from exo.orchestration.cluster import Cluster
+from exo.orchestration.ring_stage import RingError, decode_message
+from exo.orchestration.ring_verifier import RingVerifier
+from exo.speculative.config import ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 from exo.speculative.events import EventBus
-from exo.orchestration.cluster import Cluster
-from exo.orchestration.ring_verifier import RingVerifier
+from exo.speculative.metrics import MetricsSnapshot
 from exo.topology.partitioning import Stage
 
 log = logging.getLogger("exo.node")
+
+
+class RequestOutcome(msgspec.Struct, frozen=True):
+    finish_reason: str | None
+    metrics: MetricsSnapshot | None
 TokenCallback = Callable[[str, list[int], bool], None]
 StatusCallback = Callable[[str, str], None]
 
@@ -43,7 +52,7 @@ class Node:
                  config: SpeculativeConfig, default_model: str, *, max_generate_tokens: int = 1024,
                  default_temperature: float = 0.0, recent_window: int = 32,
                  cluster: Callable[[InferenceEngine, EventBus], Cluster] | None = None,
-                 pass_timeout_s: float = 60.0):
+                 pass_timeout_s: float = 60.0, draft_node: str | None = None):
         self.id = node_id
         self.config = config
         self.default_model = default_model
@@ -62,7 +71,13 @@ class Node:
         self._ring: list[Stage] | None = None  # None: the whole target runs here
         self._full_shards: dict[str, Shard] = {}
         self.cluster = cluster(self.engine.target, self.events) if cluster is not None else None
+        if self.cluster is not None:
+            self.cluster.streams["Generate"] = self._serve_generate
         self.pass_timeout_s = pass_timeout_s
+        self.draft_node = draft_node
+        self.remote_outcomes: OrderedDict[str, RequestOutcome] = OrderedDict()  # requests served elsewhere
+        self._generate_decoder = wire.decoder(wire.GenerateRequest)
+        self._chunk_decoder = wire.decoder(wire.GenerateChunk)
 
     # -- models --------------------------------------------------------------------------
     async def shard_for(self, model_id: str | None) -> Shard:
@@ -91,36 +106,100 @@ class Node:
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,
-                       config: SpeculativeConfig | None = None,
-                       request_id: str | None = None) -> AsyncIterator[list[int]]:
+                       config: SpeculativeConfig | None = None, request_id: str | None = None,
+                       here: bool = False) -> AsyncIterator[list[int]]:
+        """Yield tokens block by block. `here`: schedule on this node whatever the ring says
+        (a peer forwarded the request to us; sending it on could loop)."""
         request_id = request_id or uuid.uuid4().hex
         shard = await self.shard_for(model_id)
+        config = config or self.config
         self._active += 1
         try:
-            verifier = None
-            if self._ring is not None and self.cluster is not None:
-                cluster = self.cluster
-                verifier = RingVerifier(self.id, cluster.call, cluster.member.spawn, cluster.inbox, self._ring,
-                                        shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
-                                        self.cluster.timeouts.send_s)
-            stream = self.engine.generate(shard, prompt, params, config or self.config, request_id,
-                                          verifier=verifier)
-            async with aclosing(stream) as blocks:
-                async for tokens in blocks:
-                    finished = self.engine.requests[request_id].finish_reason is not None
+            scheduler = self.id if here else self.scheduler_node()
+            if scheduler == self.id:
+                blocks = self._generate_here(shard, prompt, params, config, request_id)
+            else:
+                blocks = self._generate_on(scheduler, shard, prompt, params, config, request_id)
+            async with aclosing(blocks) as stream:
+                async for tokens, finished in stream:
                     self._fire_tokens(request_id, tokens, finished)
                     yield tokens
-            request = self.engine.requests[request_id]
-            entry = {"request_id": request_id, "model": shard.model_id,
-                     **msgspec.to_builtins(self.engine.request_metrics(request))}
-            if isinstance(verifier, RingVerifier):
-                entry["ring"] = {"stages": [msgspec.to_builtins(s) for s in verifier.ring], **verifier.times.summary()}
-            self.recent.append(entry)
         finally:
             self.buffered_token_output.pop(request_id, None)
             self._active -= 1
             async with self._idle:
                 self._idle.notify_all()
+
+    def scheduler_node(self) -> str:
+        """Where the draft and the scheduler run: this node when alone, else the draft node."""
+        if self._ring is None:
+            return self.id
+        members = [stage.node_id for stage in self._ring]
+        return self.draft_node if self.draft_node in members else members[0]
+
+    async def _generate_here(self, shard: Shard, prompt: list[int], params: GenerationParams,
+                             config: SpeculativeConfig, request_id: str) -> AsyncIterator[tuple[list[int], bool]]:
+        verifier = None
+        if self._ring is not None and self.cluster is not None:
+            cluster = self.cluster
+            verifier = RingVerifier(self.id, cluster.call, cluster.member.spawn, cluster.inbox, self._ring,
+                                    shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
+                                    cluster.timeouts.send_s)
+        stream = self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier)
+        async with aclosing(stream) as blocks:
+            async for tokens in blocks:
+                yield tokens, self.engine.requests[request_id].finish_reason is not None
+        request = self.engine.requests[request_id]
+        entry = {"request_id": request_id, "model": shard.model_id,
+                 **msgspec.to_builtins(self.engine.request_metrics(request))}
+        if verifier is not None:
+            entry["ring"] = {"stages": [msgspec.to_builtins(s) for s in verifier.ring], **verifier.times.summary()}
+        self.recent.append(entry)
+
+    async def _generate_on(self, scheduler: str, shard: Shard, prompt: list[int], params: GenerationParams,
+                           config: SpeculativeConfig, request_id: str) -> AsyncIterator[tuple[list[int], bool]]:
+        assert self.cluster is not None
+        request = wire.encode(wire.GenerateRequest(request_id, shard.model_id, list(prompt), params, config))
+        # The first chunk waits for the prompt's pass as well; later ones for one block each.
+        stream = self.cluster.stream(scheduler, "Generate", request, self.pass_timeout_s * 2)
+        async with aclosing(stream) as chunks:
+            async for payload in chunks:
+                chunk = self._chunk_decoder.decode(payload)
+                if chunk.error:
+                    if chunk.error_kind == "config":
+                        raise ConfigError(chunk.error)
+                    raise RingError(f"draft node {scheduler}: {chunk.error}")
+                if chunk.finish_reason is not None:
+                    self.remote_outcomes[request_id] = RequestOutcome(chunk.finish_reason, chunk.metrics)
+                    while len(self.remote_outcomes) > 256:
+                        self.remote_outcomes.popitem(last=False)
+                yield chunk.tokens, chunk.finish_reason is not None
+
+    async def _serve_generate(self, payload: bytes) -> AsyncIterator[bytes]:
+        """The draft node's side of `_generate_on`: run the request here, stream its blocks."""
+        request = decode_message(self._generate_decoder, payload)
+        try:
+            async with aclosing(self.generate(request.model_id, request.prompt, request.params, request.config,
+                                              request.request_id, here=True)) as blocks:
+                async for tokens in blocks:
+                    yield wire.encode(wire.GenerateChunk(tokens))
+        except ConfigError as exc:
+            yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind="config"))
+            return
+        except Exception as exc:  # reported to the API node, which answers its client with it
+            log.warning("request %s from a peer failed: %s", request.request_id, exc)
+            yield wire.encode(wire.GenerateChunk(error=f"{type(exc).__name__}: {exc}", error_kind="cluster"))
+            return
+        outcome = self.outcome(request.request_id)
+        yield wire.encode(wire.GenerateChunk(finish_reason=outcome.finish_reason if outcome else "stop",
+                                             metrics=outcome.metrics if outcome else None))
+
+    def outcome(self, request_id: str) -> RequestOutcome | None:
+        """How a request ended (None while unknown), wherever it was scheduled."""
+        request = self.engine.requests.get(request_id)
+        if request is not None:
+            return RequestOutcome(request.finish_reason, self.engine.request_metrics(request))
+        return self.remote_outcomes.get(request_id)
 
     def _fire_tokens(self, request_id: str, tokens: list[int], finished: bool) -> None:
         buffered, _ = self.buffered_token_output.get(request_id, ([], False))
