@@ -103,3 +103,38 @@ async def test_unreachable_peer_is_a_clear_error_within_the_timeout():
         with pytest.raises(PeerError, match="ghost"):
             await handle.call("Health", b"", 2)
     await handle.close()
+
+
+async def test_opaque_status_reaches_every_peer(tmp_path, tiny_llama):
+    import json
+
+    from exo.networking.discovery import ManualDiscovery
+    from exo.orchestration.node import Node
+    from exo.speculative.config import SpeculativeConfig
+
+    infos = [PeerInfo(f"n{i}", "127.0.0.1", free_port(), 1) for i in range(2)]
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({"peers": {p.node_id: {"address": p.host, "port": p.port} for p in infos}}))
+    nodes = [Node(info.node_id, lambda: (MLXInferenceEngine(), MLXInferenceEngine()), SpeculativeConfig(),
+                  str(tiny_llama),
+                  cluster=lambda engine, events, info=info: Cluster(info, engine, events,
+                                                                     ManualDiscovery(peers, info.node_id),
+                                                                     health_interval_s=0.1))
+             for info in infos]
+    received: list[tuple[str, str, str]] = []
+    for node in nodes:
+        node.on_opaque_status.append(lambda rid, status, node=node: received.append((node.id, rid, status)))
+    try:
+        async with anyio.create_task_group() as group:
+            for node in nodes:
+                await group.start(node.cluster.run)
+            with anyio.fail_after(10):
+                while not all(node.cluster.peers for node in nodes):
+                    await anyio.sleep(0.05)
+            status = json.dumps({"type": "node_status", "status": "ready"})
+            await nodes[0].broadcast_opaque_status("r1", status)
+            assert sorted(received) == [("n0", "r1", status), ("n1", "r1", status)]
+            group.cancel_scope.cancel()
+    finally:
+        for node in nodes:
+            node.close()

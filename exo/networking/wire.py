@@ -133,6 +133,13 @@ class GenerateChunk(msgspec.Struct, frozen=True):
     error_kind: str = ""  # "config" (the request is wrong) or "cluster"
 
 
+class OpaqueStatus(msgspec.Struct, frozen=True):
+    """Upstream's `broadcast_opaque_status`: a JSON string with a "type" key, for any listener."""
+
+    request_id: str
+    status: str
+
+
 class Ack(msgspec.Struct, frozen=True):
     ok: bool = True
     error: str = ""

@@ -12,7 +12,6 @@ import logging
 from typing import AsyncIterator
 
 import anyio
-from anyio.abc import TaskGroup
 
 from exo.inference.engine import InferenceEngine
 from exo.networking import wire
@@ -67,7 +66,7 @@ class Cluster:
                 self.member.group = group
                 if self.discovery is not None:
                     await group.start(self.discovery.run)
-                    group.start_soon(self._health_loop, group)
+                    group.start_soon(self._health_loop)
                 log.info("node %s: RPC on %s:%d", self.id, self.info.host, self.server.port)
                 task_status.started()
                 await anyio.sleep_forever()  # background sends run in this group until cancelled
@@ -78,7 +77,7 @@ class Cluster:
                 for handle in self._handles.values():
                     await handle.close()
 
-    async def _health_loop(self, group: TaskGroup) -> None:
+    async def _health_loop(self) -> None:
         while True:
             known = self.discovery.peers() if self.discovery is not None else {}
             async with anyio.create_task_group() as checks:

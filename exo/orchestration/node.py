@@ -40,6 +40,9 @@ from exo.topology.partitioning import Stage
 log = logging.getLogger("exo.node")
 
 
+STATUS_TIMEOUT_S = 15.0
+
+
 class RequestOutcome(msgspec.Struct, frozen=True):
     finish_reason: str | None
     metrics: MetricsSnapshot | None
@@ -73,11 +76,13 @@ class Node:
         self.cluster = cluster(self.engine.target, self.events) if cluster is not None else None
         if self.cluster is not None:
             self.cluster.streams["Generate"] = self._serve_generate
+            self.cluster.handlers["Status"] = self._on_status
         self.pass_timeout_s = pass_timeout_s
         self.draft_node = draft_node
         self.remote_outcomes: OrderedDict[str, RequestOutcome] = OrderedDict()  # requests served elsewhere
         self._generate_decoder = wire.decoder(wire.GenerateRequest)
         self._chunk_decoder = wire.decoder(wire.GenerateChunk)
+        self._status_decoder = wire.decoder(wire.OpaqueStatus)
 
     # -- models --------------------------------------------------------------------------
     async def shard_for(self, model_id: str | None) -> Shard:
@@ -235,10 +240,35 @@ class Node:
         return out
 
     async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
-        """Fire local status callbacks (single node: there are no peers to send to)."""
+        """Fire local status callbacks and send the status to every healthy peer (upstream:
+        15 s per peer; a peer that does not take it is logged, the others still get it)."""
         json.loads(status)  # statuses are JSON strings with a "type" key, as upstream
+        self._fire_status(request_id, status)
+        if self.cluster is None:
+            return
+        payload = wire.encode(wire.OpaqueStatus(request_id, status))
+
+        async def send(peer: str) -> None:
+            try:
+                await self.cluster.call(peer, "Status", payload, STATUS_TIMEOUT_S)
+            except Exception as exc:  # one unreachable peer must not stop the broadcast
+                log.warning("status for %s not delivered to %s: %s", request_id, peer, exc)
+
+        async with anyio.create_task_group() as group:
+            for peer in list(self.cluster.peers):
+                group.start_soon(send, peer)
+
+    async def _on_status(self, payload: bytes) -> bytes:
+        message = decode_message(self._status_decoder, payload)
+        self._fire_status(message.request_id, message.status)
+        return wire.encode(wire.Ack())
+
+    def _fire_status(self, request_id: str, status: str) -> None:
         for callback in list(self.on_opaque_status):
-            callback(request_id, status)
+            try:
+                callback(request_id, status)
+            except Exception:  # a broken subscriber must not break the broadcast; it is logged
+                log.exception("on_opaque_status callback failed")
 
     def cluster_metrics(self) -> dict | None:
         """Every ring stage's last report and recent requests' per-stage cache offsets."""
