@@ -2,12 +2,18 @@
 
     .venv/bin/python bench/ring_decode.py [--nodes 1 2 3] [--delays 0 5 20 50] [--max-tokens 64]
         [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b] [--prompts code]
+        [--layout even|light-draft]
 
 Each ring is real `exo` node processes on loopback (gRPC between them), each pinned to one
 core with one BLAS thread where the machine has enough cores; node 0 holds layer 0, runs the
 draft and serves the API. Link latency is injected by the transport (`--link-delay-ms`, a
 one-way delay on every message to a peer): this kernel has no netem qdisc, so real network
 emulation on a veth pair is not available here. A 1-node "ring" is the same node alone.
+
+Layouts: `even` (the default a user gets: equal memory, layer 0's node runs the draft) and
+`light-draft` (the last node announces a quarter of the others' memory, so it holds few
+target layers, and runs the draft with `--draft-node`, on a core of its own): there the draft
+really overlaps the other nodes' compute in pipelined mode.
 
 Per (nodes, delay, mode, prompt): decode tokens/s (first to last streamed token), the speed-up
 over plain ring decoding in the same cluster, acceptance, and the origin's time breakdown:
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -82,10 +89,21 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     for n in args.nodes:
         for delay in (args.delays if n > 1 else [0]):
-            cpus = [[cores[i % len(cores)]] for i in range(n)] if n > 1 else None
-            with tempfile.TemporaryDirectory() as tmp, RingCluster(
-                    Path(tmp), n, target, draft, ring_timeout_s=600, cpus=cpus,
-                    extra=("--link-delay-ms", str(delay))) as cluster:
+            cpus, memory, extra = None, None, ("--link-delay-ms", str(delay))
+            if n > 1:
+                cpus = [[cores[i % len(cores)]] for i in range(n)]
+            if n > 1 and args.layout == "light-draft":
+                memory = [4.0] * (n - 1) + [1.0]
+                extra += ("--draft-node", f"node{n - 1}")
+                # the draft node alone on the last core, the others share the rest
+                cpus = [[cores[i % max(1, len(cores) - 1)]] for i in range(n - 1)] + [[cores[-1]]]
+            logs = Path(tempfile.gettempdir()) / "exo-ring-bench" / f"{args.layout}-{n}-{delay:g}"
+            shutil.rmtree(logs, ignore_errors=True)
+            logs.mkdir(parents=True)
+            print(f"cluster logs: {logs}", flush=True)
+            with RingCluster(
+                    logs, n, target, draft, ring_timeout_s=600, cpus=cpus, memory_gb=memory,
+                    extra=extra) as cluster:
                 for mode, speculative in MODES.items():  # load every stage and the draft, warm adaptive K
                     stream_chat(cluster.url, PROMPTS["code"], 8, speculative)
                 for kind in args.prompts:
@@ -94,7 +112,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                                 for _ in range(args.repeats)]
                         info = last_request(cluster.url)
                         ring = info.get("ring") or {}
-                        row = {"nodes": n, "delay_ms": delay, "mode": mode, "prompt": kind,
+                        row = {"nodes": n, "delay_ms": delay, "layout": args.layout, "mode": mode, "prompt": kind,
                                "tokens_per_second": median([r["tokens_per_second"] for r in runs]),
                                "runs": runs, "text": runs[-1]["text"],
                                "acceptance_rate": info["acceptance_rate"],
@@ -119,7 +137,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                      (row["nodes"], row["delay_ms"], row["prompt"], "plain ring"))
         sequential = next(r for r in rows if (r["nodes"], r["delay_ms"], r["prompt"], r["mode"]) ==
                           (row["nodes"], row["delay_ms"], row["prompt"], "sequential"))
-        table.append({k: row[k] for k in ("nodes", "delay_ms", "mode", "prompt", "tokens_per_second",
+        table.append({k: row[k] for k in ("nodes", "delay_ms", "layout", "mode", "prompt", "tokens_per_second",
                                           "acceptance_rate", "mean_accepted_length", "ring_passes",
                                           "ring_wall_seconds", "ring_overhead_seconds", "stage_compute_seconds",
                                           "draft_time", "pipeline_busy", "pipeline_idle")}
@@ -129,7 +147,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
-def plot(table: list[dict], prompt: str) -> None:
+def plot(table: list[dict], prompt: str, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +178,7 @@ def plot(table: list[dict], prompt: str) -> None:
     axes[1].set_title("seconds in the ring per request: plain vs speculative")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "ring_decode.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 def main() -> None:
@@ -172,12 +190,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--prompts", nargs="+", default=["code"], choices=sorted(PROMPTS))
+    parser.add_argument("--layout", choices=["even", "light-draft"], default="even")
     args = parser.parse_args()
     rows = measure(args)
     table = summarise(rows)
-    save("ring_decode", {"machine": machine(), "args": vars(args), "summary": table, "runs": rows})
+    name = "ring_decode" if args.layout == "even" else f"ring_decode_{args.layout}"
+    save(name, {"machine": machine(), "args": vars(args), "summary": table, "runs": rows})
     (RESULTS / "ring_decode.partial.json").unlink(missing_ok=True)
-    plot(table, args.prompts[0])
+    plot(table, args.prompts[0], name)
     for e in table:
         print(f"| {e['nodes']} | {e['delay_ms']:g} | {e['mode']} | {e['tokens_per_second']:.2f} | "
               f"{e['vs_plain_ring']:.2f}x | {e['vs_sequential']:.2f}x | {e['acceptance_rate']:.2f} | "

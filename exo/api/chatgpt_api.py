@@ -65,11 +65,19 @@ class ChatGPTAPI:
             Route("/v1/speculative/metrics", self.metrics),
             Route("/v1/speculative/events", self.events),
             Route("/v1/topology", self.topology),
-        ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed})
+        ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
+                               Exception: self._internal_error})
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
         return _json_response(exc.body, exc.status)
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        """A bug, not the client's fault: logged with its traceback, answered in the API's format."""
+        log.error("internal error serving %s", request.url.path, exc_info=exc)
+        body = ErrorResponse(ErrorBody(f"internal error: {type(exc).__name__}: {exc}", "server_error",
+                                       code="internal_error"))
+        return _json_response(body, 500)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return _json_response(ErrorResponse(ErrorBody(f"no route {request.url.path}", code="not_found")), 404)

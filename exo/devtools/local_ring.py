@@ -24,13 +24,16 @@ def free_port() -> int:
 
 
 class RingCluster:
-    """Node 0 has the most memory, so it holds layer 0, runs the draft and serves the API."""
+    """By default node 0 has the most memory, so it holds layer 0, runs the draft and serves the API."""
 
     def __init__(self, workdir: Path, n: int, model: str, draft: str, *, ring_timeout_s: float = 30.0,
-                 extra: tuple[str, ...] = (), cpus: list[list[int]] | None = None):
-        """`cpus[i]`: pin node i to these CPUs (and give it that many BLAS threads)."""
+                 extra: tuple[str, ...] = (), cpus: list[list[int]] | None = None,
+                 memory_gb: list[float] | None = None):
+        """`cpus[i]`: pin node i to these CPUs (and give it that many BLAS threads);
+        `memory_gb[i]`: the memory node i announces (its share of the layers)."""
         self.workdir, self.n, self.model, self.draft = workdir, n, model, draft
         self.ring_timeout_s, self.extra, self.cpus = ring_timeout_s, extra, cpus
+        self.memory_gb = memory_gb or [n + 1.0, *([float(n)] * (n - 1))]
         self.rpc_ports = [free_port() for _ in range(n)]
         self.api_ports = [free_port() for _ in range(n)]
         self.peers_file = workdir / "peers.json"
@@ -54,7 +57,7 @@ class RingCluster:
                 "--node-port", str(self.rpc_ports[i]), "--host", "127.0.0.1",
                 "--chatgpt-api-port", str(self.api_ports[i]), "--discovery-module", "manual",
                 "--discovery-config-path", str(self.peers_file), "--default-model", self.model,
-                "--draft-model", self.draft, "--node-memory", str(self.n + 1 - (1 if i else 0)),
+                "--draft-model", self.draft, "--node-memory", str(self.memory_gb[i]),
                 "--ring-timeout", str(self.ring_timeout_s), *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cpus = self.cpus[i] if self.cpus else None
