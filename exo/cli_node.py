@@ -10,8 +10,7 @@ import uuid
 import uvicorn
 
 from exo.api.chatgpt_api import ChatGPTAPI
-from exo.cli_run import speculative_config
-from exo.inference.placement import make_engine_pair
+from exo.cli_run import engine_pair, speculative_config
 from exo.orchestration.node import Node
 from exo.speculative.config import ConfigError
 
@@ -24,7 +23,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"exo: {exc}", file=sys.stderr)
         return 2
-    node = Node(args.node_id or f"node-{uuid.uuid4().hex[:8]}", lambda: make_engine_pair(args.placement), config,
+    node = Node(args.node_id or f"node-{uuid.uuid4().hex[:8]}", lambda: engine_pair(args), config,
                 args.default_model, max_generate_tokens=args.max_generate_tokens,
                 default_temperature=args.default_temp)
     try:
@@ -35,8 +34,9 @@ async def serve_command(args: argparse.Namespace) -> int:
         api = ChatGPTAPI(node)
         server = uvicorn.Server(uvicorn.Config(api.app, host=args.host, port=args.chatgpt_api_port,
                                                log_level="warning", lifespan="off"))
-        log.info("node %s: ChatGPT-compatible API on http://%s:%d/v1 (speculative %s%s)", node.id, args.host,
-                 args.chatgpt_api_port, "on" if config.enabled else "off",
+        log.info("node %s: ChatGPT-compatible API on http://%s:%d/v1 (engine %s, draft engine %s, speculative %s%s)",
+                 node.id, args.host, args.chatgpt_api_port, args.inference_engine,
+                 args.draft_inference_engine or args.inference_engine, "on" if config.enabled else "off",
                  ", pipelined" if config.pipelined else "")
         await server.serve()
         return 0

@@ -62,6 +62,8 @@ class RequestCache:
 
 
 class TinygradInferenceEngine(InferenceEngine):
+    name = "tinygrad"
+
     def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *, device: str | None = None,
                  dtype: str = os.environ.get("EXO_TINYGRAD_DTYPE", "float32"), max_caches: int = 16,
                  max_context: int = DEFAULT_MAX_CONTEXT, use_jit: bool = True,
