@@ -193,20 +193,21 @@ class ShardedTinyModel:
         bound = self._offset.bind(offset)
         inp = Tensor(x, device=self.device).cast(self.dtype).contiguous().realize()
         if not self.use_jit:
-            return self._body(inp, cache, bound).numpy()
+            return self._body(inp, cache, bound).numpy().astype(np.float32, copy=False)
         jit = self._body_jits.get(x.shape[1])
         if jit is None:
             jit = self._body_jits[x.shape[1]] = TinyJit(self._body)
-        return jit(inp, cache, bound).numpy()
+        # Copied out at once: a captured JIT reuses its output buffer on the next call.
+        return jit(inp, cache, bound).numpy().astype(np.float32, copy=False)
 
     def _run_head(self, h: np.ndarray) -> np.ndarray:
         inp = Tensor(h, device=self.device).cast(self.dtype).contiguous().realize()
         if not self.use_jit:
-            return self._head(inp).numpy()
+            return self._head(inp).numpy().astype(np.float32, copy=False)
         jit = self._head_jits.get(h.shape[1])
         if jit is None:
             jit = self._head_jits[h.shape[1]] = TinyJit(self._head)
-        return jit(inp).numpy()
+        return jit(inp).numpy().astype(np.float32, copy=False)
 
     def forward(self, x: np.ndarray, cache: list[Tensor], offset: int,
                 last_positions: int | None = None) -> np.ndarray:
