@@ -267,3 +267,25 @@ def test_rope_scaling_tables():
                                                                                   "factor": 4.0}}))
     with pytest.raises(ValueError, match="unsupported model_type"):
         ModelConfig.from_dict({**base, "model_type": "gpt2"})
+
+
+async def test_processes_placement_hosts_tinygrad_and_mixes_engines(pairs, tiny_llama, tiny_llama_other):
+    """`make_engine_pair("processes", "tinygrad", "mlx")`: tinygrad target and MLX draft, each
+    in its own pinned process, still give plain greedy output."""
+    from exo.inference.placement import make_engine_pair
+
+    target, draft = make_engine_pair("processes", "tinygrad", "mlx")
+    assert (target.name, draft.name) == ("tinygrad", "mlx")
+    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
+        enabled=True, draft_model=str(tiny_llama), draft_tokens=3, adaptive_speculation=False,
+        acceptance_threshold=0))
+    params = GenerationParams(max_tokens=16, temperature=0.0)
+    try:
+        shard = await engine.full_shard(str(tiny_llama))
+        await engine.ensure_shard(shard)
+        expected = await collect(generate_plain(pairs("tiny_llama").mlx, shard, PROMPTS[1], params))
+        got = await collect(engine.generate(shard, PROMPTS[1], params, eos_ids=frozenset()))
+        assert got == expected
+        assert engine.get_metrics()["acceptance_rate"] == 1.0
+    finally:
+        engine.close()
