@@ -11,8 +11,7 @@ import anyio
 import uvicorn
 
 from exo.api.chatgpt_api import ChatGPTAPI
-from exo.cli_run import speculative_config
-from exo.inference.placement import make_engine_pair
+from exo.cli_run import engine_pair, speculative_config
 from exo.networking.discovery import Discovery, DiscoveryConfigError, ManualDiscovery, UDPDiscovery
 from exo.networking.peer_info import PeerInfo, total_memory
 from exo.orchestration.cluster import Cluster
@@ -46,7 +45,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     def cluster(engine, events) -> Cluster:
         return Cluster(info, engine, events, discovery, link_delay_s=args.link_delay_ms / 1000)
 
-    node = Node(node_id, lambda: make_engine_pair(args.placement), config, args.default_model,
+    node = Node(node_id, lambda: engine_pair(args), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
                 cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node)
     try:
@@ -60,8 +59,9 @@ async def serve_command(args: argparse.Namespace) -> int:
             api = ChatGPTAPI(node)
             server = uvicorn.Server(uvicorn.Config(api.app, host=args.host, port=args.chatgpt_api_port,
                                                    log_level="warning", lifespan="off"))
-            log.info("node %s: ChatGPT-compatible API on http://%s:%d/v1 (speculative %s%s)", node.id, args.host,
-                     args.chatgpt_api_port, "on" if config.enabled else "off",
+            log.info("node %s: ChatGPT-compatible API on http://%s:%d/v1 (engine %s, draft engine %s, "
+                     "speculative %s%s)", node.id, args.host, args.chatgpt_api_port, args.inference_engine,
+                     args.draft_inference_engine or args.inference_engine, "on" if config.enabled else "off",
                      ", pipelined" if config.pipelined else "")
             await server.serve()
             group.cancel_scope.cancel()

@@ -8,7 +8,7 @@ import sys
 import time
 
 from exo.inference.generate import GenerationParams
-from exo.inference.placement import PLACEMENTS, make_engine_pair
+from exo.inference.placement import ENGINES, PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
 from exo.inference.text_stream import TextStream
 from exo.models import UnknownModelError
@@ -26,8 +26,16 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     run.add_argument("--json", action="store_true",
                      help="print one JSON object (text, token ids, finish reason, metrics) instead of streaming")
-    run.add_argument("--inference-engine", choices=["mlx"], default="mlx", help="engine (default mlx)")
+    add_engine_arguments(run)
     add_speculative_arguments(run)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inference-engine", choices=ENGINES, default="mlx",
+                        help="engine for the model (default mlx; tinygrad runs on its CPU or GPU backends)")
+    parser.add_argument("--draft-inference-engine", choices=ENGINES, default=None,
+                        help="engine for the speculative draft (default: same as --inference-engine); "
+                             "mixing engines is allowed")
 
 
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,12 +67,17 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     )
 
 
+def engine_pair(args: argparse.Namespace):
+    """(target, draft) engines as the command line chose them."""
+    return make_engine_pair(args.placement, args.inference_engine, args.draft_inference_engine)
+
+
 async def run_command(args: argparse.Namespace) -> int:
     try:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
-        engine = SpeculativeInferenceEngine(*make_engine_pair(args.placement), config)
+        engine = SpeculativeInferenceEngine(*engine_pair(args), config)
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"exo run: {exc}", file=sys.stderr)
         return 2

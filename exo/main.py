@@ -13,7 +13,7 @@ import sys
 import anyio
 
 from exo import blas
-from exo.cli_run import add_run_arguments, add_speculative_arguments
+from exo.cli_run import add_engine_arguments, add_run_arguments, add_speculative_arguments
 from exo.models import CARDS, DEFAULT_MODEL
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exo", description="Exo node with lossless speculative decoding and a ChatGPT-compatible API.",
         epilog="`exo run --help` documents one-shot generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--inference-engine", choices=["mlx"], default="mlx", help="engine (default mlx)")
+    add_engine_arguments(parser)
     parser.add_argument("--default-model", default=DEFAULT_MODEL,
                         help=f"model used when a request names none (default {DEFAULT_MODEL})")
     parser.add_argument("--chatgpt-api-port", type=int, default=52415, help="API port (default 52415)")

@@ -37,13 +37,14 @@ def test_bad_input_is_a_clear_error_without_traceback(args, fragment):
 
 def test_help_documents_every_node_flag():
     text = exo("--help").stdout
-    for flag in ["--inference-engine", "--default-model", "--enable-speculative", "--pipelined", "--draft-model",
-                 "--draft-tokens", "--speculative-threshold", "--max-speculation-depth", "--chatgpt-api-port",
+    for flag in ["--inference-engine", "--draft-inference-engine", "--default-model", "--enable-speculative",
+                 "--pipelined", "--draft-model", "--draft-tokens", "--speculative-threshold", "--max-speculation-depth", "--chatgpt-api-port",
                  "--node-id", "--default-temp", "--max-generate-tokens"]:
         assert flag in text
     run_text = exo("run", "--help").stdout
     for flag in ["--enable-speculative", "--draft-model", "--draft-tokens", "--speculative-threshold",
-                 "--max-speculation-depth", "--seed", "--json", "--max-tokens", "--temp", "--top-p"]:
+                 "--max-speculation-depth", "--seed", "--json", "--max-tokens", "--temp", "--top-p",
+                 "--inference-engine", "--draft-inference-engine"]:
         assert flag in run_text
 
 

@@ -96,7 +96,8 @@ class ChatGPTAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics(self, request: Request) -> Response:
-        return _json_response({"node_id": self.node.id, "totals": self.node.engine.get_metrics(),
+        engines = {"target": self.node.engine.target.name, "draft": self.node.engine.draft.name}
+        return _json_response({"node_id": self.node.id, "engines": engines, "totals": self.node.engine.get_metrics(),
                               "recent": list(self.node.recent), "cluster": self.node.cluster_metrics()})
 
     async def topology(self, request: Request) -> Response:

@@ -32,6 +32,7 @@ def last_only(n: int = 1) -> dict:
 class InferenceEngine(ABC):
     """One engine instance holds one model shard; KV caches live per request id."""
 
+    name: str = ""  # backend name as `--inference-engine` spells it
     shard: Shard | None = None
     tokenizer: Any = None
     model_dir_for: Callable[[str], Path]  # model id -> local HF-layout directory (fetching it)

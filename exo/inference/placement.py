@@ -1,4 +1,4 @@
-"""Where the target and draft engines run on this machine."""
+"""Which engine runs the target and the draft, and where they run on this machine."""
 
 from __future__ import annotations
 
@@ -7,21 +7,42 @@ import os
 from exo.inference.engine import InferenceEngine
 
 PLACEMENTS = ("threads", "processes")
+ENGINES = ("mlx", "tinygrad")
 
 
-def make_engine_pair(placement: str = "threads") -> tuple[InferenceEngine, InferenceEngine]:
-    """(target, draft). `processes` pins the draft to the last CPU and the target to the rest,
-    each with its own BLAS threads, so pipelined drafting really overlaps verification."""
+def check_engine_name(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"unknown inference engine {name!r}; use one of {', '.join(ENGINES)}")
+    return name
+
+
+def make_engine(name: str = "mlx") -> InferenceEngine:
+    """A fresh in-process engine by name; backends are imported only when chosen."""
+    check_engine_name(name)
+    if name == "tinygrad":
+        from exo.inference.tinygrad.engine import TinygradInferenceEngine
+        return TinygradInferenceEngine()
     from exo.inference.mlx.engine import MLXInferenceEngine
+    return MLXInferenceEngine()
+
+
+def make_engine_pair(placement: str = "threads", engine: str = "mlx",
+                     draft_engine: str | None = None) -> tuple[InferenceEngine, InferenceEngine]:
+    """(target, draft) on engines `engine` and `draft_engine` (default: the target's), so a
+    draft can run on one backend and the target on another. `processes` pins the draft to the
+    last CPU and the target to the rest, each with its own BLAS threads, so pipelined
+    drafting really overlaps verification."""
     from exo.inference.process_engine import ProcessInferenceEngine
 
+    draft_engine = check_engine_name(draft_engine or engine)
+    check_engine_name(engine)
     if placement == "threads":
-        return MLXInferenceEngine(), MLXInferenceEngine()
+        return make_engine(engine), make_engine(draft_engine)
     if placement != "processes":
         raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if len(cpus) < 2:
         raise ValueError("placement 'processes' needs at least 2 CPUs")
     target_cpus, draft_cpus = cpus[:-1], cpus[-1:]
-    return (ProcessInferenceEngine(target_cpus, blas_threads=len(target_cpus)),
-            ProcessInferenceEngine(draft_cpus, blas_threads=1))
+    return (ProcessInferenceEngine(target_cpus, blas_threads=len(target_cpus), engine=engine),
+            ProcessInferenceEngine(draft_cpus, blas_threads=1, engine=draft_engine))

@@ -61,7 +61,12 @@ class EngineProcessError(RuntimeError):
 
 class ProcessInferenceEngine(InferenceEngine):
     def __init__(self, cpus: Sequence[int] | None = None, blas_threads: int | None = 1, *,
-                 model_dir_for: Callable[[str], Path] | None = None, call_timeout: float = 600.0):
+                 model_dir_for: Callable[[str], Path] | None = None, call_timeout: float = 600.0,
+                 engine: str = "mlx"):
+        """`engine` names the backend the child process hosts (see `placement.ENGINES`)."""
+        from exo.inference.placement import check_engine_name
+
+        self.name = check_engine_name(engine)
         if model_dir_for is None:
             from exo.inference.sources import model_dir_for as default_resolver
             model_dir_for = default_resolver
@@ -80,7 +85,7 @@ class ProcessInferenceEngine(InferenceEngine):
             return
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self.cpus, self.blas_threads),
+        self._process = context.Process(target=_serve, args=(child, self.cpus, self.blas_threads, self.name),
                                         daemon=True, name="exo-engine")
         self._process.start()
         child.close()
@@ -174,17 +179,19 @@ class ProcessInferenceEngine(InferenceEngine):
         self._kill()
 
 
-def _serve(conn, cpus: list[int], blas_threads: int | None) -> None:
-    """Child process: configure threads and affinity before MLX loads, then serve calls."""
+def _serve(conn, cpus: list[int], blas_threads: int | None, engine_name: str = "mlx") -> None:
+    """Child process: configure threads and affinity before the backend loads, then serve calls."""
     if blas_threads:
         for name in ("OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ[name] = str(blas_threads)
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
+    if cpus and engine_name == "tinygrad":
+        os.environ.setdefault("NUM_CPU_THREADS", str(len(cpus)))  # tinygrad CPU threads follow the pinning
     import exo  # noqa: F401  (BLAS selection, before mlx.core)
-    from exo.inference.mlx.engine import MLXInferenceEngine
+    from exo.inference.placement import make_engine
 
-    anyio.run(_serve_loop, conn, MLXInferenceEngine())
+    anyio.run(_serve_loop, conn, make_engine(engine_name))
 
 
 async def _serve_loop(conn, engine) -> None:

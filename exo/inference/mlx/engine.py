@@ -47,6 +47,8 @@ def _close_live_engines() -> None:
 
 
 class MLXInferenceEngine(InferenceEngine):
+    name = "mlx"
+
     def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *,
                  dtype: str | None = os.environ.get("EXO_DTYPE", DEFAULT_DTYPE), max_caches: int = 16):
         """`model_dir_for(model_id)` returns a local model directory, fetching it if needed."""

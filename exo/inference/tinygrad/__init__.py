@@ -1,0 +1,1 @@
+"""The tinygrad engine: llama/qwen2-family shards on tinygrad's tensor API (CPU or GPU)."""
