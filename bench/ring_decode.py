@@ -104,13 +104,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
             with RingCluster(
                     logs, n, target, draft, ring_timeout_s=600, cpus=cpus, memory_gb=memory,
                     extra=extra) as cluster:
+                url = cluster.api_url(n - 1) if args.layout == "light-draft" else cluster.url  # the draft node
                 for mode, speculative in MODES.items():  # load every stage and the draft, warm adaptive K
-                    stream_chat(cluster.url, PROMPTS["code"], 8, speculative)
+                    stream_chat(url, PROMPTS["code"], 8, speculative)
                 for kind in args.prompts:
                     for mode, speculative in MODES.items():
-                        runs = [stream_chat(cluster.url, PROMPTS[kind], args.max_tokens, speculative)
+                        runs = [stream_chat(url, PROMPTS[kind], args.max_tokens, speculative)
                                 for _ in range(args.repeats)]
-                        info = last_request(cluster.url)
+                        info = last_request(url)
                         ring = info.get("ring") or {}
                         row = {"nodes": n, "delay_ms": delay, "layout": args.layout, "mode": mode, "prompt": kind,
                                "tokens_per_second": median([r["tokens_per_second"] for r in runs]),
@@ -167,12 +168,12 @@ def plot(table: list[dict], prompt: str, name: str) -> None:
     axes[0].legend(fontsize=8)
     sequential = [r for r in rows if r["mode"] == "sequential" and r["nodes"] > 1]
     plain = [r for r in rows if r["mode"] == "plain ring" and r["nodes"] > 1]
-    for offset, group, name in ((0.0, plain, "plain"), (0.4, sequential, "spec")):
+    for offset, group, label in ((0.0, plain, "plain"), (0.4, sequential, "spec")):
         xs = [i + offset for i in range(len(group))]
         compute = [sum(r["stage_compute_seconds"] or []) for r in group]
         overhead = [r["ring_overhead_seconds"] or 0 for r in group]
-        axes[1].bar(xs, compute, 0.38, label=f"{name}: stage compute", alpha=0.9)
-        axes[1].bar(xs, overhead, 0.38, bottom=compute, label=f"{name}: network + waiting", alpha=0.6)
+        axes[1].bar(xs, compute, 0.38, label=f"{label}: stage compute", alpha=0.9)
+        axes[1].bar(xs, overhead, 0.38, bottom=compute, label=f"{label}: network + waiting", alpha=0.6)
     axes[1].set_xticks([i + 0.2 for i in range(len(sequential))],
                        [f"{r['nodes']}n {r['delay_ms']}ms" for r in sequential], fontsize=8)
     axes[1].set_title("seconds in the ring per request: plain vs speculative")
