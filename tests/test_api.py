@@ -196,3 +196,4 @@ def test_event_stream_delivers_metrics_updates(api):
     assert {"metrics_update", "block_verified", "kv_rollback"} <= kinds
     metrics = httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()
     assert metrics["totals"]["drafted_tokens"] > 0 and metrics["recent"]
+    assert metrics["engines"] == {"target": "mlx", "draft": "mlx"}
