@@ -53,7 +53,7 @@ class Pair:
     def __init__(self, model_dir, tol):
         self.model_dir, self.tol = model_dir, tol
         self.shard = Shard.full(str(model_dir), n_layers(model_dir))
-        self.tiny, self.mlx = TinygradInferenceEngine(), MLXInferenceEngine()
+        self.tiny, self.mlx = TinygradInferenceEngine(warmup=(1, 2, 4, 8)), MLXInferenceEngine()
 
     async def step(self, rid: str, tokens: list[int], state=None) -> np.ndarray:
         got, _ = await self.tiny.infer_tensor(rid, self.shard, np.asarray([tokens]), state)

@@ -36,8 +36,9 @@ log = logging.getLogger("exo.tinygrad")
 T = TypeVar("T")
 
 DEFAULT_MAX_CONTEXT = int(os.environ.get("EXO_TINYGRAD_MAX_CONTEXT", "4096"))
-# Input lengths compiled at load time: decode (1) and the verify blocks of speculation.
-DEFAULT_WARMUP = (1, 2, 4, 8)
+# Input lengths compiled at load time: decode (1) and the verify blocks of speculation
+# (K+1 rows for K up to the default max speculation depth 8, so up to the 16-row bucket).
+DEFAULT_WARMUP = tuple(int(n) for n in os.environ.get("EXO_TINYGRAD_WARMUP", "1,2,4,8,16").split(",") if n)
 
 
 _worker: ThreadPoolExecutor | None = None
