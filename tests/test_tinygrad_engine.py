@@ -269,10 +269,12 @@ def test_rope_scaling_tables():
         ModelConfig.from_dict({**base, "model_type": "gpt2"})
 
 
-async def test_processes_placement_hosts_tinygrad_and_mixes_engines(pairs, tiny_llama, tiny_llama_other):
+async def test_processes_placement_hosts_tinygrad_and_mixes_engines(pairs, tiny_llama, monkeypatch):
     """`make_engine_pair("processes", "tinygrad", "mlx")`: tinygrad target and MLX draft, each
     in its own pinned process, still give plain greedy output."""
     from exo.inference.placement import make_engine_pair
+
+    monkeypatch.setenv("EXO_TINYGRAD_WARMUP", "1,2,4")  # read by the spawned child; K=3 needs no more
 
     target, draft = make_engine_pair("processes", "tinygrad", "mlx")
     assert (target.name, draft.name) == ("tinygrad", "mlx")
