@@ -138,3 +138,16 @@ async def test_opaque_status_reaches_every_peer(tmp_path, tiny_llama):
     finally:
         for node in nodes:
             node.close()
+
+
+async def test_requests_abandoned_by_their_origin_are_freed(tiny_llama):
+    async with serving_node() as (cluster, _):
+        member = cluster.member
+        shard = Shard(str(tiny_llama), 0, 3, 4)
+        for rid in ("old", "fresh"):
+            await member.engine.infer_tensor(rid, shard, np.asarray([[1, 2, 3]]))
+            member.states[rid] = StageState(shard, "elsewhere")
+        member.states["old"].touched -= member.timeouts.abandoned_s + 1
+        member._release_abandoned()
+        assert sorted(member.states) == ["fresh"]
+        assert member.engine.cache_offset("old") == 0 and member.engine.cache_offset("fresh") == 3

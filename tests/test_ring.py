@@ -151,9 +151,20 @@ def stream_until_error(url: str, after_chunks: int, fault) -> tuple[list[dict], 
     return events, time.monotonic() - faulted
 
 
+def live_requests(url: str, timeout_s: float = 10) -> list[str]:
+    """The requests whose KV a node's stage still holds, once the background releases are in."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["cluster"]["live_requests"]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.1)
+
+
 def test_a_stalled_node_fails_the_request_within_the_timeout(smollm2_ring):
     cluster = smollm2_ring
     events, seconds = stream_until_error(cluster.url, 5, lambda: cluster.kill(1, signal.SIGSTOP))
+    assert live_requests(cluster.url) == []  # the survivor freed the failed request's caches
     cluster.kill(1, signal.SIGCONT)
     assert "error" in events[-1], events[-1]
     assert "cluster" in events[-1]["error"]["message"]
@@ -166,6 +177,7 @@ def test_a_killed_node_fails_the_request_and_the_healed_ring_serves(smollm2_ring
     events, seconds = stream_until_error(cluster.url, 5, lambda: cluster.kill(1))
     assert "error" in events[-1] and "node1" in events[-1]["error"]["message"], events[-1]
     assert seconds < cluster.ring_timeout_s + 10
+    assert live_requests(cluster.url) == []  # the survivor freed the failed request's caches
     cluster.start(1)
     cluster.wait_ring(2)
     single = single_node_outputs(str(smollm2_dir), str(smollm2_early_exit), 16)

@@ -271,8 +271,13 @@ class Node:
                 log.exception("on_opaque_status callback failed")
 
     def cluster_metrics(self) -> dict | None:
-        """Every ring stage's last report and recent requests' per-stage cache offsets."""
-        return self.cluster.member.reports.snapshot() if self.cluster is not None else None
+        """Every ring stage's last report, recent requests' per-stage cache offsets, and the
+        requests whose KV this node's stage holds right now."""
+        if self.cluster is None:
+            return None
+        return {**self.cluster.member.reports.snapshot(), "live_requests": sorted(self.cluster.member.states),
+                "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
+                + self.cluster.inbox.rejected}
 
     def topology(self) -> dict:
         nodes = self.cluster.nodes() if self.cluster is not None else []

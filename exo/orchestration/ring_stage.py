@@ -43,6 +43,7 @@ class RingTimeouts:
     send_s: float = 10.0  # one message to a peer (it only queues work before answering)
     rollback_wait_s: float = 10.0  # how long a stage waits for the previous block's KVRollback
     prepare_s: float = 900.0  # loading a stage's layers (may fetch and convert weights)
+    abandoned_s: float = 600.0  # a request untouched this long lost its origin: free it
 
 
 @dataclass
@@ -56,6 +57,7 @@ class StageState:
     forwards: int = 0
     forward_seconds: float = 0.0
     tokens: int = 0
+    touched: float = field(default_factory=time.monotonic)
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     def notify(self) -> None:
@@ -204,6 +206,7 @@ class RingMember:
         header, rid = forward.header, forward.header.request_id
         stage = header.ring[forward.hop]
         if header.seq == 0:
+            self._release_abandoned()
             self.release(rid)  # a reused id starts from nothing
             shard = Shard(header.model_id, stage.start_layer, stage.end_layer, header.n_layers)
             state = StageState(shard, header.origin)
@@ -219,6 +222,7 @@ class RingMember:
                 await state.changed.wait()
         if state.failed:
             raise RingError(f"node {self.id}: {state.failed}")
+        state.touched = time.monotonic()
         if state.applied != header.seq - 1:
             raise RingError(f"node {self.id}: no KVRollback for block {header.seq - 1} of request {rid} "
                             f"within {self.timeouts.rollback_wait_s:.0f} s; refusing block {header.seq}")
@@ -239,6 +243,15 @@ class RingMember:
         rollback_to(self.engine, rid, verdict.kept)
         return wire.Result(rid, header.seq, self.id, verdict.emitted, verdict.accepted, verdict.drafted,
                            verdict.kept, verdict.deferred, compute)
+
+    def _release_abandoned(self) -> None:
+        """Free requests whose origin never released them (it died, or this node was stalled
+        while the release was sent), so their caches do not pile up."""
+        cutoff = time.monotonic() - self.timeouts.abandoned_s
+        for rid in [rid for rid, state in self.states.items() if state.touched < cutoff]:
+            log.warning("node %s: releasing request %s, untouched for %.0f s", self.id, rid,
+                        self.timeouts.abandoned_s)
+            self.release(rid)
 
     # -- rollbacks announced by the last stage ----------------------------------------------
     def _apply_rollback(self, event: KVRollback) -> None:
