@@ -192,10 +192,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--prompts", nargs="+", default=["code"], choices=sorted(PROMPTS))
     parser.add_argument("--layout", choices=["even", "light-draft"], default="even")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the given nodes/delays and merge them into the saved results")
     args = parser.parse_args()
-    rows = measure(args)
-    table = summarise(rows)
     name = "ring_decode" if args.layout == "even" else f"ring_decode_{args.layout}"
+    rows = measure(args)
+    if args.update:
+        def key(row: dict) -> tuple:
+            return row["nodes"], row["delay_ms"], row["mode"], row["prompt"]
+        fresh = {key(r) for r in rows}
+        saved = json.loads((RESULTS / f"{name}.json").read_text())["runs"]
+        rows = sorted([r for r in saved if key(r) not in fresh] + rows, key=lambda r: (r["nodes"], r["delay_ms"]))
+    table = summarise(rows)
     save(name, {"machine": machine(), "args": vars(args), "summary": table, "runs": rows})
     (RESULTS / "ring_decode.partial.json").unlink(missing_ok=True)
     plot(table, args.prompts[0], name)
