@@ -1,9 +1,11 @@
 """gRPC transport: a server that maps methods to async handlers, and peer handles.
 
 Messages are msgpack bytes (see `wire.py`), so gRPC runs with raw-bytes methods and no
-generated protobuf code. Every call has a deadline; a failed call closes the channel so
-the next one reconnects. `delay_s` adds a one-way delay before each message: simulated
-link latency for benchmarks on one machine.
+generated protobuf code. Every call has a deadline. After a failure the channel
+reconnects by itself (with backoff); it is never closed while it may carry other calls,
+because grpc cancels those with a bare CancelledError, which would look like a cancellation
+of their callers. `delay_s` adds a one-way delay before each message: simulated link latency
+for benchmarks on one machine.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ class PeerHandle:
         try:
             return await stub(payload, timeout=timeout_s, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                await self.close()
             raise PeerError(f"{method} to node {self.id} at {self.address} failed: "
                             f"{exc.code().name}: {exc.details()}") from None
 
@@ -140,8 +140,6 @@ class PeerHandle:
                     return
                 yield message
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                await self.close()
             raise PeerError(f"{method} stream from node {self.id} at {self.address} failed: "
                             f"{exc.code().name}: {exc.details()}") from None
         finally:
@@ -150,4 +148,7 @@ class PeerHandle:
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close(grace=None)
+            try:
+                await channel.close(grace=None)
+            except Exception as exc:  # a broken channel is dropped either way; the next call reconnects
+                log.warning("closing the channel to node %s failed: %s", self.id, exc)

@@ -70,6 +70,10 @@ class Cluster:
                 log.info("node %s: RPC on %s:%d", self.id, self.info.host, self.server.port)
                 task_status.started()
                 await anyio.sleep_forever()  # background sends run in this group until cancelled
+        except BaseException as exc:
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                log.error("node %s: cluster tasks failed; this node leaves the ring", self.id, exc_info=exc)
+            raise
         finally:
             self.member.group = None
             with anyio.CancelScope(shield=True):
@@ -95,8 +99,8 @@ class Cluster:
         try:
             reply = wire.decoder(wire.Health).decode(
                 await handle.call("Health", b"", self.health_timeout_s))
-        except (PeerError, ValueError) as exc:
-            self._drop(peer_id, str(exc))
+        except Exception as exc:  # any failure means "not healthy now"; the loop must go on
+            self._drop(peer_id, f"{type(exc).__name__}: {exc}")
             return
         handle.info = reply.info
         if peer_id not in self.peers:
