@@ -41,3 +41,18 @@ class Shard:
             raise ValueError(f"cannot split {count} layers into {parts} shards")
         bounds = [self.start_layer + round(i * count / parts) for i in range(parts + 1)]
         return [Shard(self.model_id, a, b - 1, self.n_layers) for a, b in zip(bounds, bounds[1:])]
+
+
+def place_checkpoint_key(key: str, shard: Shard) -> tuple[int | None, str] | None:
+    """Where a Hugging Face checkpoint tensor goes in `shard`: (block index within the shard,
+    name inside the block) for a transformer block's tensor, (None, name) for one outside the
+    blocks (embedding, final norm, head), None for one this shard does not hold."""
+    if "rotary_emb.inv_freq" in key:
+        return None
+    name = key.removeprefix("model.")
+    if not name.startswith("layers."):
+        return None, name
+    index, rest = name[len("layers."):].split(".", 1)
+    if shard.start_layer <= int(index) <= shard.end_layer:
+        return int(index) - shard.start_layer, rest
+    return None

@@ -17,7 +17,7 @@ from mlx_lm.models import llama, qwen2
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 
-from exo.inference.shard import Shard
+from exo.inference.shard import Shard, place_checkpoint_key
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "mistral": llama}
 
@@ -72,16 +72,14 @@ class ShardedModel(nn.Module):
 
     def select_weights(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Rename a full checkpoint's Hugging Face keys to this shard's, dropping the rest."""
-        start, end = self.shard.start_layer, self.shard.end_layer
         selected: dict[str, mx.array] = {}
         for key, value in weights.items():
-            if "rotary_emb.inv_freq" in key:
+            placed = place_checkpoint_key(key, self.shard)
+            if placed is None:
                 continue
-            name = key.removeprefix("model.")
-            if name.startswith("layers."):
-                index, rest = name[len("layers."):].split(".", 1)
-                if start <= int(index) <= end:
-                    selected[f"layers.{int(index) - start}.{rest}"] = value
+            layer, name = placed
+            if layer is not None:
+                selected[f"layers.{layer}.{name}"] = value
             elif name.startswith("embed_tokens.") and hasattr(self, "embed_tokens"):
                 selected[name] = value
             elif name.startswith("norm.") and self.shard.is_last_layer():

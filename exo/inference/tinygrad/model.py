@@ -21,7 +21,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.nn.state import safe_load
 
-from exo.inference.shard import Shard
+from exo.inference.shard import Shard, place_checkpoint_key
 from exo.inference.tinygrad.config import ModelConfig, rope_tables
 
 # Input lengths are padded up to one of these; longer inputs run in chunks of the largest.
@@ -85,18 +85,16 @@ class ShardedTinyModel:
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-        start, end = self.shard.start_layer, self.shard.end_layer
         layers: list[dict[str, Tensor]] = [{} for _ in range(self.shard.get_layer_count())]
         embedding = lm_head = norm = None
         for file in files:
             for key, value in safe_load(str(file)).items():
-                if "rotary_emb.inv_freq" in key:
+                placed = place_checkpoint_key(key, self.shard)
+                if placed is None:
                     continue
-                name = key.removeprefix("model.")
-                if name.startswith("layers."):
-                    index, rest = name[len("layers."):].split(".", 1)
-                    if start <= int(index) <= end:
-                        layers[int(index) - start][rest] = self._to_device(value)
+                layer, name = placed
+                if layer is not None:
+                    layers[layer][name] = self._to_device(value)
                 elif name == "embed_tokens.weight":
                     embedding = value
                 elif name == "norm.weight" and self.shard.is_last_layer():
@@ -116,7 +114,7 @@ class ShardedTinyModel:
         for i, layer in enumerate(layers):
             missing, extra = expected - layer.keys(), layer.keys() - expected
             if missing or extra:
-                raise ValueError(f"layer {start + i} of {model_dir}: missing {sorted(missing)}, "
+                raise ValueError(f"layer {self.shard.start_layer + i} of {model_dir}: missing {sorted(missing)}, "
                                  f"unexpected {sorted(extra)}")
         needs_embedding = self.shard.is_first_layer() or (self.shard.is_last_layer() and cfg.tied)
         if needs_embedding and embedding is None:
