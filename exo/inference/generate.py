@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 
 from exo.inference.engine import InferenceEngine, last_only
-from exo.inference.sampling import sample_last
+from exo.inference.sampling import judge_rng, sample_last
 from exo.inference.shard import Shard
 
 
@@ -36,7 +36,7 @@ async def generate_plain(engine: InferenceEngine, shard: Shard, prompt_ids: list
                          request_id: str | None = None) -> AsyncIterator[list[int]]:
     """Yield generated tokens (one-element lists, the multi-token shape speculation uses)."""
     request_id = request_id or uuid.uuid4().hex
-    rng = np.random.default_rng(params.seed)
+    rng = judge_rng(params.seed)
     try:
         logits, _ = await engine.infer_tensor(request_id, shard, np.asarray([prompt_ids]), last_only())
         for produced in range(params.max_tokens):

@@ -58,6 +58,21 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     return out.reshape(probs.shape)
 
 
+def judge_rng(seed: int | None) -> np.random.Generator:
+    """The stream that decides a request's tokens (plain sampling, acceptance, residuals).
+
+    It and `draft_rng` are independent children of one `SeedSequence`: a draft drawn with
+    the numbers that judge it would be biased, and wherever the judging runs (this process
+    or the last stage of a ring) it must read the same stream for a seed to mean one text.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+
+
+def draft_rng(seed: int | None) -> np.random.Generator:
+    """The stream a drafter samples its proposals from (see `judge_rng`)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one id from a 1-D distribution (need not be normalised); zero-mass ids never come out."""
     cumulative = np.cumsum(probs, dtype=np.float64)

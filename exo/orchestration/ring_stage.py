@@ -22,6 +22,7 @@ import numpy as np
 from anyio.abc import TaskGroup
 
 from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.sampling import judge_rng
 from exo.inference.shard import Shard
 from exo.networking import wire
 from exo.networking.grpc_transport import BadMessage
@@ -211,7 +212,7 @@ class RingMember:
             shard = Shard(header.model_id, stage.start_layer, stage.end_layer, header.n_layers)
             state = StageState(shard, header.origin)
             if last:
-                state.judge, state.rng = BlockJudge(header.params), np.random.default_rng(header.params.seed)
+                state.judge, state.rng = BlockJudge(header.params), judge_rng(header.params.seed)
             self.states[rid] = state
             return state
         state = self.states.get(rid)

@@ -24,6 +24,7 @@ import anyio
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from exo.inference.sampling import draft_rng, judge_rng
 from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
@@ -48,17 +49,16 @@ class SideTimes:
 async def run_pipelined(request: SpeculativeRequest, verifier: Verifier,
                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
-    rng = np.random.default_rng(request.params.seed)
+    rng = judge_rng(request.params.seed)
     committed = await request.prefill(verifier, rng)
     yield committed[len(request.prompt):]
     if request.finish_reason is not None:
         return
-    # The drafter samples with its own generator so the two tasks never share RNG state.
-    draft_rng = np.random.default_rng(rng.integers(2**63))
     out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
     try:
         async with anyio.create_task_group() as group:
-            group.start_soon(_pipeline, request, verifier, proposer, committed, rng, draft_rng, out_send)
+            group.start_soon(_pipeline, request, verifier, proposer, committed, rng,
+                             draft_rng(request.params.seed), out_send)
             async with out_recv:
                 async for tokens in out_recv:
                     yield tokens

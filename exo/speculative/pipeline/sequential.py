@@ -12,6 +12,8 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from exo.inference.sampling import draft_rng, judge_rng
+
 from exo.speculative.pipeline.common import SpeculativeRequest
 from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
@@ -23,7 +25,7 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
                          proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens (1..K+1 per yield)."""
     rid, params = request.request_id, request.params
-    rng = np.random.default_rng(request.params.seed)
+    rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
     committed = await request.prefill(verifier, rng)
     yield committed[len(request.prompt):]
     while request.finish_reason is None:
@@ -32,7 +34,7 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
         started = time.perf_counter()
         if k:
             try:
-                block = await proposer.propose(rid, committed, k, params, request.threshold, rng,
+                block = await proposer.propose(rid, committed, k, params, request.threshold, proposal_rng,
                                                trusted=request.controller.trusted_depth(request.threshold))
                 request.drafted(block)
             except Exception as exc:
