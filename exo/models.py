@@ -88,3 +88,35 @@ def get_card(model_id: str) -> ModelCard:
         f"unknown model {model_id!r}.{hint} Known models: {', '.join(sorted(CARDS))}; "
         "or pass a path to a model directory or a .gguf file."
     )
+
+
+class ModelRegistry:
+    """The models this node serves, looked up by exact name and never resolved as a path.
+
+    A client names a card id or a name the operator registered (`--model-dir NAME=PATH`, or
+    the operator's own `--default-model PATH`); whatever else it sends is unknown, the same
+    way whether or not such a file exists, so the API cannot be used to open or probe files.
+    """
+
+    def __init__(self, named: dict[str, str] | None = None, operator: tuple[str, ...] | list[str] = (),
+                 cards: dict[str, ModelCard] | None = None):
+        self._ids: dict[str, str] = {card_id: card_id for card_id in (CARDS if cards is None else cards)}
+        for model_id in operator:
+            self._ids.setdefault(model_id, model_id)
+        self._ids.update(named or {})
+
+    def resolve(self, name: str) -> str:
+        """The model id the engines load for a client's `name` (UnknownModelError if none)."""
+        model_id = self._ids.get(name)
+        if model_id is None:
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            raise UnknownModelError(f"unknown model {shown!r}: the model does not exist on this node "
+                                    f"(models: {', '.join(sorted(self._ids))})")
+        return model_id
+
+    def items(self) -> list[tuple[str, str]]:
+        """(name, model id) for every model, sorted by name."""
+        return sorted(self._ids.items())
+
+    def add(self, name: str, model_id: str) -> None:
+        self._ids[name] = model_id

@@ -131,8 +131,9 @@ def test_bad_requests_get_openai_style_4xx(api, body, status, fragment):
 
 
 def test_incompatible_draft_is_a_400(api, smollm2_dir):
-    url, _ = api
-    response = chat(url, speculative={"enabled": True, "draft_model": str(smollm2_dir)})
+    url, node = api
+    node.models.add("smollm2-local", str(smollm2_dir))  # the operator's --model-dir; clients name models
+    response = chat(url, speculative={"enabled": True, "draft_model": "smollm2-local"})
     assert response.status_code == 400
     assert "different tokenizers" in response.json()["error"]["message"]
 

@@ -20,15 +20,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from exo.api import limits
+from exo.api.access import AccessGuard
+from exo.api.limits import Limits, Refused
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
 from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
-from exo.inference.sources import ModelSourceError
-from exo.models import CARDS, UnknownModelError
+from exo.inference.engine import ContextLengthError
+from exo.inference.sources import ModelSourceError, ModelStore
+from exo.models import UnknownModelError
 from exo.networking.grpc_transport import PeerError
 from exo.orchestration.node import Node
 from exo.orchestration.ring_stage import RingError
-from exo.speculative.config import ConfigError
+from exo.speculative.config import AUTO, ConfigError
 
 log = logging.getLogger("exo.api")
 _json = msgspec.json.Encoder()
@@ -54,9 +58,11 @@ def _json_response(value: Any, status: int = 200) -> Response:
 
 
 class ChatGPTAPI:
-    def __init__(self, node: Node, disconnect_poll_s: float = 0.25):
+    def __init__(self, node: Node, disconnect_poll_s: float = 0.25, *, api_key: str | None = None,
+                 limits: Limits = Limits()):
         self.node = node
         self.disconnect_poll_s = disconnect_poll_s
+        self.limits = limits
         self.app = Starlette(routes=[
             Route("/healthcheck", self.healthcheck),
             Route("/v1/models", self.models),
@@ -67,10 +73,15 @@ class ChatGPTAPI:
             Route("/v1/topology", self.topology),
         ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
                                Exception: self._internal_error})
+        self.app.add_exception_handler(Refused, self._refused)
+        self.app.add_middleware(AccessGuard, api_key=api_key)
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
         return _json_response(exc.body, exc.status)
+
+    async def _refused(self, request: Request, exc: Refused) -> Response:
+        return _json_response(ErrorResponse(ErrorBody(exc.message, exc.kind, exc.param, exc.code)), exc.status)
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         """A bug, not the client's fault: logged with its traceback, answered in the API's format."""
@@ -91,8 +102,14 @@ class ChatGPTAPI:
         return JSONResponse({"status": "ok", "node_id": self.node.id})
 
     async def models(self, request: Request) -> Response:
-        data = [{"id": card_id, "object": "model", "owned_by": "exo", "created": 0, "ready": True}
-                for card_id in sorted(CARDS)]
+        """Every model a request may name; `ready` means its weights are on disk (no fetch needed)."""
+        store = ModelStore()
+        loaded = self.node._shard.model_id if self.node._shard else None
+        data = []
+        for name, model_id in self.node.models.items():
+            on_disk = await anyio.to_thread.run_sync(store.installed, model_id)
+            data.append({"id": name, "object": "model", "owned_by": "exo", "created": 0, "ready": on_disk,
+                         "on_disk": on_disk, "loaded": model_id == loaded})
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics(self, request: Request) -> Response:
@@ -118,6 +135,8 @@ class ChatGPTAPI:
         body = await self._parse(request, ChatCompletionRequest)
         if not body.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
+        limits.check_prompt_chars(sum(len(m.text()) for m in body.messages), self.limits.max_prompt_chars,
+                                  "messages")
         tokenizer = await self._tokenizer(body.model)
         prompt = tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         return await self._respond(request, body, tokenizer.encode(prompt), chat=True)
@@ -127,21 +146,33 @@ class ChatGPTAPI:
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
         if not prompt:
             raise APIError(400, "prompt must be a non-empty string", "prompt")
+        limits.check_prompt_chars(len(prompt), self.limits.max_prompt_chars, "prompt")
         tokenizer = await self._tokenizer(body.model)
         return await self._respond(request, body, tokenizer.encode(prompt), chat=False)
 
     async def _parse(self, request: Request, kind: type) -> Any:
-        raw = await request.body()
+        raw = await limits.read_body(request, self.limits.max_body_bytes)
+        limits.check_depth(raw, self.limits.max_json_depth)
         try:
-            return msgspec.json.decode(raw, type=kind)
+            body = msgspec.json.decode(raw, type=kind)
         except msgspec.ValidationError as exc:
             raise APIError(400, f"invalid request: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise APIError(400, f"malformed JSON: {exc}") from exc
+        limits.check_sampling(body)
+        return body
+
+    def _model_id(self, name: str | None, param: str = "model") -> str:
+        """The node's model for a client's name (404, the same for any unknown name)."""
+        try:
+            return self.node.models.resolve(name or self.node.default_model)
+        except UnknownModelError as exc:
+            raise APIError(404, str(exc), param, "model_not_found") from exc
 
     async def _tokenizer(self, model: str | None):
+        model_id = self._model_id(model)
         try:
-            await self.node.shard_for(model)
+            await self.node.shard_for(model_id)
         except UnknownModelError as exc:
             raise APIError(404, str(exc), "model", "model_not_found") from exc
         except ModelSourceError as exc:
@@ -161,16 +192,28 @@ class ChatGPTAPI:
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         try:
-            config = self.node.config.merged(body.speculative.fields()) if body.speculative else self.node.config
+            overrides = body.speculative.fields() if body.speculative else {}
+            if overrides.get("draft_model", AUTO) != AUTO:
+                overrides["draft_model"] = self._model_id(overrides["draft_model"], "speculative.draft_model")
+            config = self.node.config.merged(overrides) if overrides else self.node.config
             if config.enabled:
                 from exo.speculative.config import choose_draft
-                choose_draft(body.model or self.node.default_model, config.draft_model)
+                choose_draft(self._model_id(body.model), config.draft_model)
         except ConfigError as exc:
             raise APIError(400, str(exc), "speculative") from exc
         return params, config
 
     async def _respond(self, request: Request, body: Any, prompt: list[int], chat: bool) -> Response:
         params, config = self._settings(body)
+        model_id = self._model_id(body.model)
+        explicit = body.max_completion_tokens is not None or body.max_tokens is not None
+        budget = limits.fit_context(len(prompt), params.max_tokens, explicit,
+                                    await self.node.context_length(model_id), "messages" if chat else "prompt")
+        params = msgspec.structs.replace(params, max_tokens=budget)
+        try:
+            await self.node.check_draft(model_id, config)
+        except ConfigError as exc:
+            raise APIError(400, str(exc), "speculative") from exc
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model or self.node.default_model
         tokenizer = self.node.tokenizer
@@ -180,7 +223,7 @@ class ChatGPTAPI:
         async def deltas() -> AsyncIterator[tuple[str, int]]:
             """(text delta, 1) per generated token, until the budget, end of sequence or a stop string."""
             try:
-                async with aclosing(self.node.generate(model, prompt, params, config, request_id)) as blocks:
+                async with aclosing(self.node.generate(model_id, prompt, params, config, request_id)) as blocks:
                     async for tokens in blocks:
                         for token in tokens:
                             yield text.push(token), 1
@@ -188,6 +231,8 @@ class ChatGPTAPI:
                                 return
             except ConfigError as exc:
                 raise APIError(400, str(exc), "speculative") from exc
+            except ContextLengthError as exc:
+                raise APIError(400, str(exc), "max_tokens", "context_length_exceeded") from exc
             except CLUSTER_ERRORS as exc:
                 raise _cluster_error(exc) from exc
 

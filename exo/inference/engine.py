@@ -18,7 +18,8 @@ import numpy as np
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
-__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "last_only"]
+__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "last_only", "ContextLengthError", "check_context",
+           "context_of"]
 
 # `inference_state` key: the last shard returns logits for only this many final positions
 # (a prefill needs one row; a K-token verify needs K+1). Absent = every position.
@@ -27,6 +28,28 @@ LAST_POSITIONS = "last_positions"
 
 def last_only(n: int = 1) -> dict:
     return {LAST_POSITIONS: n}
+
+
+class ContextLengthError(ValueError):
+    """An input would run past the model's context window: refused before anything is allocated
+    (past it a model computes garbage, and MLX can run out of memory or crash the process)."""
+
+    def __init__(self, limit: int, held: int, new: int):
+        super().__init__(f"context overflow: {held} cached + {new} new tokens exceed the model's "
+                         f"maximum context length of {limit} tokens")
+        self.limit, self.held, self.new = limit, held, new
+
+
+def check_context(limit: int | None, held: int, new: int) -> None:
+    """Raise ContextLengthError unless `held + new` positions fit in `limit` (None: no limit known)."""
+    if limit is not None and held + new > limit:
+        raise ContextLengthError(limit, held, new)
+
+
+def context_of(config: dict) -> int | None:
+    """The context window a Hugging Face config declares (None if it declares none)."""
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 class InferenceEngine(ABC):
@@ -42,6 +65,11 @@ class InferenceEngine(ABC):
         model_dir = await anyio.to_thread.run_sync(self.model_dir_for, model_id)
         layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
         return Shard.full(model_id, layers)
+
+    async def context_length(self, model_id: str) -> int | None:
+        """How many positions (prompt + generated) this engine accepts for `model_id`."""
+        model_dir = await anyio.to_thread.run_sync(self.model_dir_for, model_id)
+        return context_of(json.loads((model_dir / "config.json").read_text()))
 
     async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
         await self.ensure_shard(shard)

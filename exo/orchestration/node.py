@@ -27,11 +27,12 @@ import numpy as np
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
+from exo.models import ModelRegistry
 from exo.networking import wire
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.ring_stage import RingError, decode_message
 from exo.orchestration.ring_verifier import RingVerifier
-from exo.speculative.config import ConfigError, SpeculativeConfig
+from exo.speculative.config import AUTO, ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot
@@ -55,8 +56,15 @@ class Node:
                  config: SpeculativeConfig, default_model: str, *, max_generate_tokens: int = 1024,
                  default_temperature: float = 0.0, recent_window: int = 32,
                  cluster: Callable[[InferenceEngine, EventBus], Cluster] | None = None,
-                 pass_timeout_s: float = 60.0, draft_node: str | None = None):
+                 pass_timeout_s: float = 60.0, draft_node: str | None = None,
+                 models: ModelRegistry | None = None):
         self.id = node_id
+        # What clients may name: the cards, the operator's own default and draft, and `models`.
+        self.models = models or ModelRegistry()
+        for model_id in (default_model, config.draft_model):
+            if model_id != AUTO:
+                self.models.add(model_id, model_id)
+        self._context: dict[str, int | None] = {}
         self.config = config
         self.default_model = default_model
         self.max_generate_tokens = max_generate_tokens
@@ -108,6 +116,18 @@ class Node:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    async def context_length(self, model_id: str) -> int | None:
+        """Positions (prompt + completion) a request on `model_id` may use here."""
+        if model_id not in self._context:
+            self._context[model_id] = await self.engine.target.context_length(model_id)
+        return self._context[model_id]
+
+    async def check_draft(self, model_id: str, config: SpeculativeConfig) -> None:
+        """Load a draft a request asked for, now: ConfigError if it is unusable, before any
+        token is sent (only where this node schedules; a peer reports it in its stream)."""
+        if config.enabled and self.engine.draft_is_requested(config) and self.scheduler_node() == self.id:
+            await self.engine.ensure_draft(model_id, config.draft_model, strict=True)
 
     # -- generation ----------------------------------------------------------------------
     async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,

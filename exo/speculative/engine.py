@@ -22,7 +22,7 @@ from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
-from exo.speculative.config import SpeculativeConfig, choose_draft
+from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
 from exo.speculative.pipeline.common import SpeculativeRequest
@@ -92,22 +92,29 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.draft.close()
 
     # -- the draft ----------------------------------------------------------------------
-    async def ensure_draft(self, target_model: str, requested: str) -> Shard | None:
+    async def ensure_draft(self, target_model: str, requested: str, strict: bool = False) -> Shard | None:
         """Load the draft for `target_model`; None (and a retry later) if it cannot be used.
 
         An invalid pairing (unknown pair, different tokenizers) raises ConfigError: that is
-        the user's request being wrong, not a transient failure.
+        the user's request being wrong, not a transient failure. `strict` (a draft one
+        request asked for) also raises ConfigError when the draft cannot be loaded, and
+        neither reads nor starts the back-off, which is only for the node's own draft: one
+        request's bad draft never costs another request its speculation.
         """
         draft_id = choose_draft(target_model, requested)
         if self._draft_shard is not None and self._draft_for == draft_id:
             return self._draft_shard
-        if time.monotonic() < self._retry_at:
+        if not strict and time.monotonic() < self._retry_at:
             return None
         try:
             shard = await self.draft.full_shard(draft_id)
             await self.draft.ensure_shard(shard)
         except Exception as exc:  # noqa: BLE001 - any load failure means "serve without a draft"
             self.draft_load_failures += 1
+            if strict:
+                log.warning("could not load requested draft model %s: %s", draft_id, exc)
+                raise ConfigError(f"draft_model {requested!r} could not be loaded "
+                                  f"({type(exc).__name__})") from exc
             self._retry_at = time.monotonic() + self._backoff
             log.warning("could not load draft model %s (%s); decoding without it, retry in %.0f s",
                         draft_id, exc, self._backoff)
@@ -115,8 +122,13 @@ class SpeculativeInferenceEngine(InferenceEngine):
             return None
         check_tokenizers(self.target.tokenizer, self.draft.tokenizer, target_model, draft_id)
         self._draft_shard, self._draft_for = shard, draft_id
-        self._backoff = RETRY_BACKOFF_S[0]
+        if not strict:
+            self._backoff = RETRY_BACKOFF_S[0]
         return shard
+
+    def draft_is_requested(self, config: SpeculativeConfig) -> bool:
+        """Whether `config` names a draft other than the node's own (a request's choice)."""
+        return config.draft_model != self.config.draft_model
 
     # -- generation ---------------------------------------------------------------------
     async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
@@ -132,7 +144,8 @@ class SpeculativeInferenceEngine(InferenceEngine):
         request_id = request_id or uuid.uuid4().hex
         if verifier is None:
             await self.target.ensure_shard(shard)
-        draft_shard = await self.ensure_draft(shard.model_id, config.draft_model) if config.enabled else None
+        draft_shard = (await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
+                       if config.enabled else None)
         proposer = DraftProposer(self.draft, draft_shard) if draft_shard is not None else None
         request = SpeculativeRequest(
             request_id, list(prompt), params,

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from exo.inference.engine import LAST_POSITIONS, InferenceEngine
+from exo.inference.engine import LAST_POSITIONS, InferenceEngine, check_context, context_of
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
@@ -65,6 +65,7 @@ class MLXInferenceEngine(InferenceEngine):
         self.shard: Shard | None = None
         self.tokenizer: Any = None
         self.model_dir: Path | None = None
+        self.max_context: int | None = None  # from the loaded model's config
         _live_engines.add(self)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -105,6 +106,7 @@ class MLXInferenceEngine(InferenceEngine):
         mx.eval(model.parameters())
         self.tokenizer = load_tokenizer(model_dir)
         self.model, self.shard, self.model_dir = model, shard, model_dir
+        self.max_context = context_of(config)
         self._caches.clear()
         log.info("loaded %s layers %d-%d from %s", shard.model_id, shard.start_layer, shard.end_layer, model_dir)
 
@@ -116,6 +118,8 @@ class MLXInferenceEngine(InferenceEngine):
 
     def _forward(self, request_id: str, input_data: np.ndarray, last_positions: int | None) -> np.ndarray:
         assert self.model is not None
+        if input_data.ndim >= 2:  # before any MLX array or cache exists for this input
+            check_context(self.max_context, self.cache_offset(request_id), input_data.shape[1])
         if self.shard.is_first_layer():
             if input_data.ndim != 2:
                 raise ValueError(f"first shard expects token ids (1, T), got shape {input_data.shape}")

@@ -23,7 +23,7 @@ from exo.inference.sources.gguf_file import GGUFFileSource
 from exo.inference.sources.hub import HubSource
 from exo.inference.sources.local import check_model_dir
 from exo.inference.sources.pypi_chunks import PyPIChunksSource
-from exo.models import ModelCard, get_card
+from exo.models import CARDS, ModelCard, get_card
 
 log = logging.getLogger("exo.sources")
 
@@ -39,6 +39,12 @@ class ModelStore:
     @property
     def gguf_dir(self) -> Path:
         return self.home / "gguf"
+
+    def installed(self, model_id: str) -> bool:
+        """Whether `model_id` (a card id, or a local path the operator named) is on disk now."""
+        if model_id in CARDS:
+            return (self.home / "models" / model_id).is_dir()
+        return Path(model_id).expanduser().exists()
 
     def model_dir_for(self, model_id: str) -> Path:
         """A complete local model directory for a card id, a model directory or a .gguf path."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import anyio
 import numpy as np
 
-from exo.inference.engine import LAST_POSITIONS, InferenceEngine
+from exo.inference.engine import LAST_POSITIONS, InferenceEngine, check_context
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
 
@@ -101,6 +101,11 @@ class TinygradInferenceEngine(InferenceEngine):
             model_dir = await anyio.to_thread.run_sync(self.model_dir_for, shard.model_id)
             await self._run(self._load, shard, model_dir)
 
+    async def context_length(self, model_id: str) -> int | None:
+        """The model's window, capped by this engine's KV cache size."""
+        declared = await super().context_length(model_id)
+        return min(declared, self._max_context) if declared is not None else self._max_context
+
     async def load_checkpoint(self, shard: Shard, path: str) -> None:
         async with self._load_lock:
             await self._run(self._load, shard, Path(path))
@@ -150,6 +155,7 @@ class TinygradInferenceEngine(InferenceEngine):
             raise ValueError(f"shard expects hidden states (1, T, D), got shape {input_data.shape}")
         if input_data.shape[0] != 1:
             raise ValueError(f"the tinygrad engine runs batch size 1, got shape {input_data.shape}")
+        check_context(self.model.max_context, self.cache_offset(request_id), input_data.shape[1])
         cache = self._cache(request_id)
         out = self.model.forward(input_data, cache.tensors, cache.offset, last_positions)
         cache.offset += input_data.shape[1]
