@@ -6,12 +6,17 @@ import argparse
 import logging
 import sys
 import uuid
+from pathlib import Path
 
 import anyio
 import uvicorn
 
+from exo.api.access import warn_if_exposed
 from exo.api.chatgpt_api import ChatGPTAPI
 from exo.cli_run import engine_pair, speculative_config
+from exo.inference.sources import ModelSourceError
+from exo.inference.sources.local import check_model_dir
+from exo.models import ModelRegistry
 from exo.networking.discovery import Discovery, DiscoveryConfigError, ManualDiscovery, UDPDiscovery
 from exo.networking.peer_info import PeerInfo, total_memory
 from exo.orchestration.cluster import Cluster
@@ -31,6 +36,27 @@ def discovery_for(args: argparse.Namespace, info: PeerInfo) -> Discovery | None:
     return UDPDiscovery(info, args.listen_port, broadcast_address=args.broadcast_address)
 
 
+def registered_models(specs: list[str]) -> ModelRegistry:
+    """The operator's `--model-dir NAME=PATH` entries, each checked now (a typo fails at start-up)."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--model-dir wants NAME=PATH, got {spec!r}")
+        resolved = Path(path).expanduser().resolve()
+        if resolved.suffix == ".gguf" and resolved.is_file():
+            pass
+        elif resolved.is_dir():
+            try:
+                check_model_dir(resolved)
+            except ModelSourceError as exc:
+                raise ValueError(f"--model-dir {name}: {exc}") from exc
+        else:
+            raise ValueError(f"--model-dir {name}: {resolved} is neither a model directory nor a .gguf file")
+        named[name.strip()] = str(resolved)
+    return ModelRegistry(named)
+
+
 async def serve_command(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"node-{uuid.uuid4().hex[:8]}"
     memory = int(args.node_memory * 1e9) if args.node_memory is not None else total_memory()
@@ -38,6 +64,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     try:
         config = speculative_config(args)
         discovery = discovery_for(args, info)
+        models = registered_models(args.model_dir)
     except (ConfigError, ValueError) as exc:
         print(f"exo: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +74,7 @@ async def serve_command(args: argparse.Namespace) -> int:
 
     node = Node(node_id, lambda: engine_pair(args), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
-                cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node)
+                cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models)
     try:
         async with anyio.create_task_group() as group:
             await group.start(node.cluster.run)
@@ -56,7 +83,8 @@ async def serve_command(args: argparse.Namespace) -> int:
                 await node.shard_for(args.default_model)
                 if config.enabled:
                     await node.engine.ensure_draft(args.default_model, config.draft_model)
-            api = ChatGPTAPI(node)
+            api = ChatGPTAPI(node, api_key=args.api_key)
+            warn_if_exposed(args.host, args.api_key)
             server = uvicorn.Server(uvicorn.Config(api.app, host=args.host, port=args.chatgpt_api_port,
                                                    log_level="warning", lifespan="off"))
             log.info("node %s: ChatGPT-compatible API on http://%s:%d/v1 (engine %s, draft engine %s, "

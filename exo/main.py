@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import anyio
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"model used when a request names none (default {DEFAULT_MODEL})")
     parser.add_argument("--chatgpt-api-port", type=int, default=52415, help="API port (default 52415)")
     parser.add_argument("--host", default="0.0.0.0", help="API bind address (default 0.0.0.0)")
+    parser.add_argument("--api-key", default=os.environ.get("EXO_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on every API route but /healthcheck "
+                             "(default: $EXO_API_KEY; none: open)")
+    parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the model directory or .gguf file PATH as model NAME (repeatable); "
+                             "requests can only name cards and models registered here")
     parser.add_argument("--node-id", default=None, help="this node's id (default: random)")
     parser.add_argument("--default-temp", type=float, default=0.0, help="temperature when a request sets none")
     parser.add_argument("--max-generate-tokens", type=int, default=1024,

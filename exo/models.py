@@ -111,7 +111,7 @@ class ModelRegistry:
         if model_id is None:
             shown = name if len(name) <= 80 else name[:77] + "..."
             raise UnknownModelError(f"unknown model {shown!r}: the model does not exist on this node "
-                                    f"(models: {', '.join(sorted(self._ids))})")
+                                    "(GET /v1/models lists the models it serves)")
         return model_id
 
     def items(self) -> list[tuple[str, str]]:

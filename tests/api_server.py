@@ -17,12 +17,14 @@ from exo.speculative.config import SpeculativeConfig
 
 
 @contextmanager
-def running_api(default_model: str, config: SpeculativeConfig, **node_options) -> Iterator[tuple[str, Node]]:
+def running_api(default_model: str, config: SpeculativeConfig, api_options: dict | None = None,
+                **node_options) -> Iterator[tuple[str, Node]]:
     node = Node("test-node", lambda: (MLXInferenceEngine(), MLXInferenceEngine()), config, default_model,
                 **node_options)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ChatGPTAPI(node, disconnect_poll_s=0.05).app, host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="off"))
+    api = ChatGPTAPI(node, disconnect_poll_s=0.05, **(api_options or {}))
+    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

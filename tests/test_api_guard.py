@@ -1,0 +1,370 @@
+"""What the API refuses, and who may use it: against a real server (uvicorn on loopback).
+
+Every refusal is checked for its status and OpenAI-style error body, for happening before
+a stream starts, and for leaving the node serving the same greedy text afterwards.
+"""
+
+import json
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from exo.api.access import is_loopback, warn_if_exposed
+from exo.api.limits import Limits, check_depth, Refused
+from exo.inference.engine import ContextLengthError
+from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.inference.tinygrad.engine import TinygradInferenceEngine
+from exo.models import ModelRegistry, UnknownModelError
+from exo.speculative.config import SpeculativeConfig
+from tests.api_server import running_api
+from tests.tiny_models import make_tiny_model
+
+LIMITS = Limits(max_body_bytes=256 * 1024, max_json_depth=32, max_prompt_chars=20_000)
+CONTEXT = 512  # max_position_embeddings of the tiny test models
+KEY = "s3cret-key"
+
+# -- a tripwire: any open/listdir/scandir under a watched directory is recorded --------------
+_WATCHED: list[str] = []
+_TOUCHED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event in ("open", "os.listdir", "os.scandir") and _WATCHED and args:
+        path = args[0]
+        if isinstance(path, bytes):
+            path = path.decode(errors="replace")
+        if isinstance(path, (str, os.PathLike)) and any(str(path).startswith(w) for w in _WATCHED):
+            _TOUCHED.append(f"{event} {path}")
+
+
+sys.addaudithook(_audit)
+
+
+def chat(url, content="hello there", headers=None, **extra):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60, headers=headers)
+
+
+def text_of(response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")  # never a started stream
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tiny_llama_other, tiny_qwen2, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken-draft")
+    (broken / "config.json").write_text("{}")  # registered by the operator, but not a loadable model
+    registry = ModelRegistry(named={"broken-draft": str(broken), "qwen-draft": str(tiny_qwen2)})
+    config = SpeculativeConfig(enabled=False, draft_model=str(tiny_llama_other))
+    with running_api(str(tiny_llama), config, api_options={"limits": LIMITS}, max_generate_tokens=32,
+                     models=registry) as (url, node):
+        yield url, node, text_of(chat(url))
+
+
+@pytest.fixture
+def api(served):
+    """The served node, checked afterwards to still answer a normal request with the same text."""
+    url, node, baseline = served
+    yield url, node
+    assert text_of(chat(url)) == baseline
+
+
+# -- limits -------------------------------------------------------------------------------
+def test_prompt_over_the_context_is_refused_with_the_openai_message(api):
+    url, _ = api
+    for stream in (False, True):
+        error = error_of(chat(url, "a" * 600, stream=stream), 400)
+        assert f"maximum context length is {CONTEXT} tokens" in error["message"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    response = httpx.post(f"{url}/v1/completions", timeout=30,
+                          json={"prompt": "b" * 500, "max_tokens": 20, "temperature": 0})
+    error = error_of(response, 400)
+    assert "However, you requested 520 tokens (500 in the messages, 20 in the completion)" in error["message"]
+    assert error["param"] == "prompt"
+
+
+def test_max_tokens_beyond_the_context_is_refused(api):
+    url, _ = api
+    error = error_of(chat(url, max_tokens=10**30), 400)
+    assert error["code"] == "context_length_exceeded"
+    error = error_of(chat(url, max_completion_tokens=CONTEXT), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_default_budget_shrinks_to_the_room_left(api):
+    url, _ = api
+    body = {"messages": [{"role": "user", "content": "c" * 490}], "temperature": 0}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    usage, choice = response.json()["usage"], response.json()["choices"][0]
+    room = CONTEXT - usage["prompt_tokens"]
+    assert 0 < room < 32  # the node's default budget (32) would overflow
+    assert usage["completion_tokens"] <= room and usage["total_tokens"] <= CONTEXT
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == room
+
+
+def test_openai_client_gets_a_400_for_a_long_prompt(api):
+    url, node = api
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=node.default_model, max_tokens=5,
+                                       messages=[{"role": "user", "content": "z" * 2000}])
+    assert caught.value.status_code == 400 and caught.value.code == "context_length_exceeded"
+    assert "maximum context length" in str(caught.value)
+
+
+def test_prompt_over_the_character_cap_never_reaches_the_tokenizer(api):
+    url, node = api
+    calls = []
+    original = type(node.tokenizer).encode
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(args[0]) if args else None)
+        return original(self, *args, **kwargs)
+
+    type(node.tokenizer).encode = counting
+    try:
+        error = error_of(chat(url, "d" * (LIMITS.max_prompt_chars + 1)), 400)
+        completion = httpx.post(f"{url}/v1/completions", timeout=30,
+                                json={"prompt": ["e" * 15_000, "f" * 15_000], "max_tokens": 3})
+    finally:
+        type(node.tokenizer).encode = original
+    assert "characters" in error["message"] and error["code"] == "context_length_exceeded"
+    assert error_of(completion, 400)["param"] == "prompt"
+    assert calls == []
+
+
+def test_body_over_the_cap_is_a_413(api):
+    url, _ = api
+    big = json.dumps({"messages": [{"role": "user", "content": "g" * (LIMITS.max_body_bytes + 10)}]}).encode()
+    headers = {"content-type": "application/json"}
+    declared = httpx.post(f"{url}/v1/chat/completions", content=big, headers=headers, timeout=30)
+    assert error_of(declared, 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the cap applies while reading
+        for start in range(0, len(big), 16384):
+            yield big[start:start + 16384]
+
+    streamed = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers=headers, timeout=30)
+    assert "transfer-encoding" not in declared.request.headers
+    assert streamed.request.headers.get("transfer-encoding") == "chunked"
+    assert error_of(streamed, 413)["code"] == "request_too_large"
+
+
+def test_deep_nesting_is_a_400_not_a_recursion_error(api):
+    url, _ = api
+    deep = '{"a":' * 1000 + "1" + "}" * 1000
+    body = '{"messages": [{"role": "user", "content": "x"}], "unknown": ' + deep + "}"
+    response = httpx.post(f"{url}/v1/chat/completions", content=body.encode(), timeout=30,
+                          headers={"content-type": "application/json"})
+    error = error_of(response, 400)
+    assert error["code"] == "nesting_too_deep" and "1001 levels" in error["message"]
+    # Brackets inside strings are text, not nesting.
+    assert chat(url, "[[[[{{{{" * 40 + '\\"[[[').status_code == 200
+
+
+def test_depth_scan_ignores_strings_and_escapes():
+    check_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[", "b": "\\"[[[[[[[[["}', 2)
+    check_depth(b"", 1)
+    with pytest.raises(Refused):
+        check_depth(b'{"a": [[{"b": "}}}}"}]]}', 3)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", -1), ("seed", 2**64), ("temperature", 100), ("temperature", 2.01), ("temperature", -0.5),
+    ("top_p", 0), ("top_p", 1.01), ("max_tokens", 0), ("max_completion_tokens", -3), ("top_k", -1),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_numbers_outside_the_openai_ranges_are_400_before_any_stream(api, field, value, stream):
+    url, _ = api
+    error = error_of(chat(url, **{field: value, "stream": stream}), 400)
+    assert error["param"] == field and field in error["message"]
+
+
+def test_numbers_at_the_edges_of_the_ranges_are_served(api):
+    url, _ = api
+    for extra in ({"temperature": 2.0, "seed": 0}, {"top_p": 1.0, "seed": 2**64 - 1}, {"max_tokens": 1}):
+        assert chat(url, **extra).status_code == 200
+
+
+def test_draft_tokens_outside_the_depth_is_400_before_the_stream(api):
+    url, _ = api
+    error = error_of(chat(url, stream=True, speculative={"enabled": True, "draft_tokens": 99}), 400)
+    assert "draft_tokens" in error["message"]
+
+
+# -- models are the node's ---------------------------------------------------------------------
+@pytest.fixture
+def tripwire(tmp_path):
+    """A valid model directory nobody registered: a node that resolved client paths would serve it."""
+    model = make_tiny_model(tmp_path / "not-registered", "llama", layers=2, seed=3)
+    _WATCHED.append(str(tmp_path))
+    _TOUCHED.clear()
+    yield model
+    _WATCHED.remove(str(tmp_path))
+
+
+def test_a_client_path_is_never_opened_and_unknown_is_unknown(api, tripwire):
+    url, node = api
+    names = [str(tripwire), str(tripwire / "missing"), str(tripwire / ".." / "not-registered"),
+             "~/" + tripwire.name, "../../etc", "gpt-17"]
+    bodies = []
+    for name in names:
+        for stream in (False, True):
+            error = error_of(chat(url, model=name, stream=stream), 404)
+            assert error["code"] == "model_not_found" and error["param"] == "model"
+            bodies.append(re.sub(r"'[^']*'", "NAME", error["message"]))
+    assert len(set(bodies)) == 1  # existing and missing paths look exactly alike
+    assert str(Path.home()) not in "".join(bodies)
+    for name in names[:3]:
+        error = error_of(chat(url, speculative={"enabled": True, "draft_model": name}), 404)
+        assert error["param"] == "speculative.draft_model"
+    assert _TOUCHED == []
+    assert node.engine.target.model_dir != tripwire and node.engine.draft.model_dir != tripwire
+
+
+def test_registry_resolves_names_only():
+    registry = ModelRegistry(named={"mine": "/srv/models/mine"}, operator=["/opt/default"])
+    assert registry.resolve("mine") == "/srv/models/mine"
+    assert registry.resolve("/opt/default") == "/opt/default"
+    assert registry.resolve("smollm2-135m") == "smollm2-135m"
+    for name in ("/srv/models/mine", "~/mine", "../mine", "/opt/default/"):
+        with pytest.raises(UnknownModelError):
+            registry.resolve(name)
+
+
+def test_unusable_requested_draft_is_that_requests_400_only(api):
+    url, node = api
+    for stream in (False, True):
+        error = error_of(chat(url, stream=stream, speculative={"enabled": True, "draft_model": "broken-draft"}), 400)
+        assert "broken-draft" in error["message"] and error["param"] == "speculative"
+    assert node.engine._retry_at == 0.0  # no engine-wide back-off was started
+    # Straight after: the node's own draft, and another requested draft, both speculate.
+    for speculative in ({}, {"draft_model": "qwen-draft"}):
+        # Adaptive K could choose K=0 for these random drafts; fixed K shows the draft is in use.
+        response = chat(url, speculative={"enabled": True, "adaptive_speculation": False, **speculative})
+        assert response.json()["usage"]["speculative"]["drafted_tokens"] > 0
+        assert text_of(response) == text_of(chat(url))
+
+
+def test_incompatible_requested_draft_is_400_before_the_stream(api, smollm2_dir):
+    url, node = api
+    node.models.add("smollm2-local", str(smollm2_dir))
+    error = error_of(chat(url, stream=True, speculative={"enabled": True, "draft_model": "smollm2-local"}), 400)
+    assert "different tokenizers" in error["message"]
+
+
+def test_models_lists_registered_models_and_what_is_on_disk(api, smollm2_dir):
+    url, node = api
+    listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+    assert {"broken-draft", "qwen-draft", node.default_model, "smollm2-135m"} <= set(listed)
+    assert listed[node.default_model]["ready"] and listed[node.default_model]["loaded"]
+    assert listed["smollm2-135m"]["ready"]  # the fixture fetched it into the model store
+    assert not listed["llama-3.1-70b"]["ready"] and not listed["qwen2.5-coder-7b"]["ready"]
+    assert not listed["qwen-draft"]["loaded"]
+
+
+# -- access -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(tiny_llama):
+    with running_api(str(tiny_llama), SpeculativeConfig(), api_options={"api_key": KEY},
+                     max_generate_tokens=16) as (url, node):
+        yield url, node
+
+
+def test_api_key_is_required_on_every_route_but_healthcheck(keyed):
+    url, node = keyed
+    assert httpx.get(f"{url}/healthcheck", timeout=10).status_code == 200
+    bad_headers = [{}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {KEY}"},
+                   {"authorization": KEY}, {"authorization": f"Bearer {KEY}x"}]
+    for headers in bad_headers:
+        for method, path in [("GET", "/v1/models"), ("GET", "/v1/speculative/metrics"), ("GET", "/v1/topology"),
+                             ("GET", "/v1/speculative/events"), ("POST", "/v1/chat/completions"),
+                             ("POST", "/v1/completions"), ("GET", "/no/such/route")]:
+            response = httpx.request(method, f"{url}{path}", headers=headers, timeout=10,
+                                     json={"prompt": "x"} if method == "POST" else None)
+            error = error_of(response, 401)
+            assert error["type"] == "authentication_error" and response.headers["www-authenticate"] == "Bearer"
+    good = {"authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{url}/v1/models", headers=good, timeout=10).status_code == 200
+    baseline = text_of(chat(url, headers=good))
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=60, max_retries=0)
+    reply = client.chat.completions.create(model=node.default_model, max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "hello there"}])
+    assert reply.choices[0].message.content == baseline
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", timeout=30, max_retries=0).models.list()
+    assert text_of(chat(url, headers=good)) == baseline
+
+
+def test_post_must_be_json(served, keyed):
+    body = json.dumps({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
+                       "temperature": 0}).encode()
+    for url, auth in ((served[0], {}), (keyed[0], {"authorization": f"Bearer {KEY}"})):
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+            headers = {**auth, **({"content-type": content_type} if content_type else {})}
+            response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=30)
+            assert error_of(response, 415)["code"] == "unsupported_media_type"
+        ok = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                        headers={**auth, "content-type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200
+    assert text_of(chat(served[0])) == served[2]
+
+
+def test_exposed_without_key_warns(caplog):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    with caplog.at_level("WARNING", logger="exo.api"):
+        assert warn_if_exposed("0.0.0.0", None)
+        assert not warn_if_exposed("0.0.0.0", KEY) and not warn_if_exposed("127.0.0.1", None)
+    assert len(caplog.records) == 1 and "--api-key" in caplog.records[0].getMessage()
+
+
+# -- the engines refuse too (exo run and the ring do not go through the API) -------------------
+async def _check_engine_guard(engine, model_dir, limit):
+    shard = await engine.full_shard(str(model_dir))
+    assert await engine.context_length(str(model_dir)) == limit
+    await engine.ensure_shard(shard)
+    request = uuid.uuid4().hex
+    with pytest.raises(ContextLengthError, match=f"maximum context length of {limit}"):
+        await engine.infer_tensor(request, shard, np.zeros((1, limit + 1), dtype=np.int64))
+    assert request not in engine._caches and engine.cache_offset(request) == 0  # nothing was allocated
+    await engine.infer_tensor(request, shard, np.zeros((1, limit - 4), dtype=np.int64))
+    with pytest.raises(ContextLengthError):
+        await engine.infer_tensor(request, shard, np.zeros((1, 5), dtype=np.int64))
+    assert engine.cache_offset(request) == limit - 4
+    await engine.infer_tensor(request, shard, np.zeros((1, 4), dtype=np.int64))  # exactly full is fine
+    assert engine.cache_offset(request) == limit
+    engine.free_cache(request)
+
+
+async def test_mlx_engine_refuses_input_past_the_context(tiny_llama):
+    engine = MLXInferenceEngine()
+    try:
+        await _check_engine_guard(engine, tiny_llama, CONTEXT)
+    finally:
+        engine.close()
+
+
+async def test_tinygrad_engine_refuses_input_past_the_context(tiny_llama):
+    engine = TinygradInferenceEngine(max_context=64, use_jit=False, warmup=())
+    try:
+        await _check_engine_guard(engine, tiny_llama, 64)
+    finally:
+        engine.close()
