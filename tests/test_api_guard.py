@@ -119,6 +119,21 @@ def test_default_budget_shrinks_to_the_room_left(api):
         assert usage["completion_tokens"] == room
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_speculation_never_drafts_past_the_budget(api, pipelined):
+    """A request that fills the context exactly: the engines' guards would refuse any block
+    that ran past it, so drafting must stop at the budget (and the text stay the plain one)."""
+    url, node = api
+    content = "h" * (CONTEXT - 17 - 12)  # 17 template tokens around the content, 12 to generate
+    failures = node.engine.get_metrics()["draft_failures"]
+    spec = chat(url, content, speculative={"enabled": True, "adaptive_speculation": False, "draft_tokens": 8,
+                                           "acceptance_threshold": 0.0, "pipelined": pipelined})
+    assert spec.json()["usage"]["total_tokens"] == CONTEXT
+    assert spec.json()["usage"]["speculative"]["drafted_tokens"] > 0
+    assert text_of(spec) == text_of(chat(url, content))
+    assert node.engine.get_metrics()["draft_failures"] == failures
+
+
 def test_openai_client_gets_a_400_for_a_long_prompt(api):
     url, node = api
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30, max_retries=0)

@@ -41,6 +41,11 @@ class SpeculativeRequest:
         self.metrics.prefill_time = time.perf_counter() - start
         return [*self.prompt, *first]
 
+    def draft_room(self, base_length: int) -> int:
+        """The most tokens worth drafting after `base_length`: a block emits at most k + 1, and
+        no verify may write past prompt + max_tokens (the API keeps that within the context)."""
+        return max(0, len(self.prompt) + self.params.max_tokens - base_length - 1)
+
     def publish(self, event_type: type, **fields) -> None:
         if self.events is not None:
             self.events.publish(event_type(request_id=self.request_id, node_id=self.node_id,

@@ -175,7 +175,7 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                     apply(await verdicts.receive())
                     times.idle += time.perf_counter() - waited
                     continue
-                k = request.controller.choose()
+                k = min(request.controller.choose(), request.draft_room(len(sequence)))
                 if k == 0:
                     # Speculation does not pay right now: ask for one plain step and wait for it
                     # rather than burn shared compute and memory bandwidth on doomed drafts.

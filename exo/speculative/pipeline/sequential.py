@@ -29,7 +29,7 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
     committed = await request.prefill(verifier, rng)
     yield committed[len(request.prompt):]
     while request.finish_reason is None:
-        k = request.controller.choose() if proposer is not None else 0
+        k = min(request.controller.choose(), request.draft_room(len(committed))) if proposer is not None else 0
         block = DraftBlock([], np.zeros((0, 0)), len(committed))
         started = time.perf_counter()
         if k:
