@@ -383,3 +383,21 @@ async def test_tinygrad_engine_refuses_input_past_the_context(tiny_llama):
         await _check_engine_guard(engine, tiny_llama, 64)
     finally:
         engine.close()
+
+
+# -- the operator's flags ----------------------------------------------------------------------
+def test_model_dir_flag_registers_checked_names(tiny_llama, tmp_path, monkeypatch):
+    from exo.cli_node import registered_models
+    from exo.main import build_parser
+
+    registry = registered_models([f"mine={tiny_llama}"])
+    assert registry.resolve("mine") == str(tiny_llama.resolve())
+    with pytest.raises(UnknownModelError):
+        registry.resolve(str(tiny_llama))  # the path itself is not a name
+    for bad in ("no-equals-sign", "=x", f"empty={tmp_path}", f"missing={tmp_path / 'nope'}"):
+        with pytest.raises(ValueError):
+            registered_models([bad])
+    monkeypatch.setenv("EXO_API_KEY", KEY)
+    args = build_parser().parse_args(["--model-dir", f"a={tiny_llama}", "--model-dir", f"b={tiny_llama}"])
+    assert args.api_key == KEY and args.model_dir == [f"a={tiny_llama}", f"b={tiny_llama}"]
+    assert build_parser().parse_args(["--api-key", "other"]).api_key == "other"

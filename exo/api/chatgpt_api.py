@@ -104,7 +104,7 @@ class ChatGPTAPI:
     async def models(self, request: Request) -> Response:
         """Every model a request may name; `ready` means its weights are on disk (no fetch needed)."""
         store = ModelStore()
-        loaded = self.node._shard.model_id if self.node._shard else None
+        loaded = self.node.loaded_model
         data = []
         for name, model_id in self.node.models.items():
             on_disk = await anyio.to_thread.run_sync(store.installed, model_id)

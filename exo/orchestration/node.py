@@ -117,6 +117,11 @@ class Node:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def loaded_model(self) -> str | None:
+        """The model id this node (or its ring) serves right now."""
+        return self._shard.model_id if self._shard else None
+
     async def context_length(self, model_id: str) -> int | None:
         """Positions (prompt + completion) a request on `model_id` may use here."""
         if model_id not in self._context:
