@@ -401,3 +401,41 @@ def test_model_dir_flag_registers_checked_names(tiny_llama, tmp_path, monkeypatc
     args = build_parser().parse_args(["--model-dir", f"a={tiny_llama}", "--model-dir", f"b={tiny_llama}"])
     assert args.api_key == KEY and args.model_dir == [f"a={tiny_llama}", f"b={tiny_llama}"]
     assert build_parser().parse_args(["--api-key", "other"]).api_key == "other"
+
+
+def test_exo_node_process_with_api_key_and_model_dir(tiny_llama, tiny_llama_other, tmp_path):
+    """The real `exo` command: the key guards its API, `--model-dir` names a model, paths are 404."""
+    import subprocess
+    import time
+
+    from exo.devtools.local_ring import free_port
+
+    port, rpc = free_port(), free_port()
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen([sys.executable, "-m", "exo.main", "--default-model", str(tiny_llama),
+                             "--model-dir", f"mine={tiny_llama_other}", "--api-key", KEY, "--host", "127.0.0.1",
+                             "--chatgpt-api-port", str(port), "--node-host", "127.0.0.1", "--node-port", str(rpc),
+                             "--discovery-module", "none", "--max-generate-tokens", "8"],
+                            stdout=subprocess.PIPE, stderr=log, env={**os.environ, "EXO_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert node.poll() is None, (tmp_path / "node.log").read_text()
+            try:
+                if httpx.get(f"{url}/healthcheck", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "node did not start"
+            time.sleep(0.2)
+        good = {"authorization": f"Bearer {KEY}"}
+        assert error_of(chat(url), 401)["code"] == "invalid_api_key"
+        assert text_of(chat(url, model="mine", headers=good))
+        assert error_of(chat(url, model=str(tiny_llama_other), headers=good), 404)["code"] == "model_not_found"
+        assert "without an API key" not in (tmp_path / "node.log").read_text()
+    finally:
+        node.terminate()
+        out, _ = node.communicate(timeout=60)
+        log.close()
+    assert out == b""  # stdout carries only the product; a node has none
