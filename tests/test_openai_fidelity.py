@@ -27,6 +27,7 @@ TOL = 1e-3  # float32 forward passes of different shapes (one row vs a block) di
 def api(tiny_llama, tiny_llama_other):
     config = SpeculativeConfig(enabled=False, draft_model=str(tiny_llama_other))
     with running_api(str(tiny_llama), config, max_generate_tokens=64) as (url, node):
+        assert chat(url).status_code == 200  # loads the model (and its tokenizer)
         yield url, node
 
 
@@ -67,12 +68,26 @@ def chat_prompt_ids(node, content: str) -> list[int]:
     return tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": content}]))
 
 
-def ids_of(node, content: list[dict]) -> list[int]:
-    """Token ids of chat logprob entries, from their exact bytes (one token per byte here)."""
+VOCAB = 320  # the tiny models' logits; their tokenizer names only ids 0..256
+
+
+def ids_of(oracle, node, prompt: list[int], content: list[dict]) -> list[int]:
+    """Token ids of chat logprob entries, from their exact bytes. Every tokenizer id has its own
+    bytes; ids past the tokenizer (the model's padding) have none, and among those the entry
+    is the one whose oracle log-prob it reports."""
     text = TokenText(node.tokenizer)
-    by_bytes = {tuple(text(i)[1]): i for i in range(len(node.tokenizer))}
-    assert len(by_bytes) == len(node.tokenizer)  # every token has its own bytes
-    return [by_bytes[tuple(entry["bytes"])] for entry in content]
+    by_bytes: dict[tuple, list[int]] = {}
+    for i in range(VOCAB):
+        by_bytes.setdefault(tuple(text(i)[1]), []).append(i)
+    assert all(len(ids) == 1 for raw, ids in by_bytes.items() if raw)
+    tokens: list[int] = []
+    for entry in content:
+        candidates = by_bytes[tuple(entry["bytes"])]
+        if len(candidates) > 1:
+            row = oracle(prompt + tokens)[-1]
+            candidates = [min(candidates, key=lambda c: abs(row[c] - entry["logprob"]))]
+        tokens.append(candidates[0])
+    return tokens
 
 
 def assert_matches_oracle(oracle, prompt: list[int], tokens: list[int], content: list[dict], node, top: int):
@@ -97,7 +112,7 @@ def test_greedy_logprobs_are_the_targets_and_equal_under_speculation(api, oracle
         body = chat(url, logprobs=True, top_logprobs=5, speculative=speculative).json()
         content = body["choices"][0]["logprobs"]["content"]
         assert len(content) == body["usage"]["completion_tokens"] == 20, mode
-        tokens = ids_of(node, content)
+        tokens = ids_of(oracle, node, prompt, content)
         assert_matches_oracle(oracle, prompt, tokens, content, node, 5)
         for entry in content:  # greedy: the chosen token is the most likely one
             assert entry["top_logprobs"][0]["token"] == entry["token"]
@@ -121,16 +136,17 @@ def test_sampled_logprobs_are_the_raw_distribution_at_every_emitted_position(api
         body = chat(url, "sample me", temperature=1.3, top_k=8, seed=11, logprobs=True, top_logprobs=3,
                     speculative=speculative).json()
         content = body["choices"][0]["logprobs"]["content"]
-        assert_matches_oracle(oracle, prompt, ids_of(node, content), content, node, 3)
+        assert_matches_oracle(oracle, prompt, ids_of(oracle, node, prompt, content), content, node, 3)
 
 
 def test_logprobs_without_alternatives_and_off_by_default(api):
-    url, _ = api
+    url, node = api
     content = chat(url, logprobs=True).json()["choices"][0]["logprobs"]["content"]
     assert len(content) == 20 and all(e["top_logprobs"] == [] and e["logprob"] <= 0 for e in content)
     plain = chat(url).json()["choices"][0]
     assert plain["logprobs"] is None
-    assert "".join(e["token"] for e in content) == plain["message"]["content"]
+    raw = bytes(b for e in content for b in e["bytes"])  # the tokens' bytes make up the text
+    assert raw.decode("utf-8", errors="replace") == plain["message"]["content"]
 
 
 def test_completions_logprobs_shape_and_values(api):
@@ -143,8 +159,13 @@ def test_completions_logprobs_shape_and_values(api):
     content = via_chat["logprobs"]["content"]
     assert logprobs["tokens"] == [e["token"] for e in content]
     assert logprobs["token_logprobs"] == pytest.approx([e["logprob"] for e in content], abs=TOL)
-    assert [list(d.values()) for d in logprobs["top_logprobs"]] == [
-        pytest.approx([a["logprob"] for a in e["top_logprobs"]], abs=TOL) for e in content]
+    for alternatives, entry in zip(logprobs["top_logprobs"], content):
+        # keyed by token text: tokens that render alike (partial UTF-8) share a key
+        expected = {}
+        for alt in entry["top_logprobs"]:
+            expected.setdefault(alt["token"], alt["logprob"])
+        assert alternatives.keys() == expected.keys()
+        assert list(alternatives.values()) == pytest.approx(list(expected.values()), abs=TOL)
     text = body["choices"][0]["text"]
     offsets = logprobs["text_offset"]
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
@@ -187,7 +208,7 @@ def test_openai_client_parses_logprobs(api):
     completion = client.completions.create(model=node.default_model, prompt="abc", max_tokens=5, temperature=0,
                                            logprobs=2)
     assert len(completion.choices[0].logprobs.token_logprobs) == 5
-    assert all(len(alts) == 2 for alts in completion.choices[0].logprobs.top_logprobs)
+    assert all(1 <= len(alts) <= 2 for alts in completion.choices[0].logprobs.top_logprobs)
 
 
 # -- n > 1 ----------------------------------------------------------------------------------
@@ -201,9 +222,9 @@ def test_n_choices_are_independent_seeded_generations(api):
     assert len(set(texts)) == 3  # each its own draw
     assert texts[0] == chat(url, **sampled).json()["choices"][0]["message"]["content"]
     assert [c["message"]["content"] for c in chat(url, n=3, **sampled).json()["choices"]] == texts
-    speculative = chat(url, n=3, speculative={"enabled": True}, **sampled).json()
+    speculative = chat(url, n=3, speculative={"enabled": True, "adaptive_speculation": False}, **sampled).json()
     assert [c["message"]["content"] for c in speculative["choices"]] == [
-        chat(url, n=3, speculative={"enabled": True}, **sampled).json()["choices"][i]["message"]["content"]
+        chat(url, n=3, speculative={"enabled": True, "adaptive_speculation": False}, **sampled).json()["choices"][i]["message"]["content"]
         for i in range(3)]
     assert body["usage"]["completion_tokens"] == 45
     assert body["usage"]["prompt_tokens"] == chat(url).json()["usage"]["prompt_tokens"]  # counted once
@@ -345,7 +366,6 @@ def test_openai_client_sees_the_refusal(api, baseline):
 
 
 # -- through a real ring ----------------------------------------------------------------------
-@pytest.mark.integration
 def test_ring_logprobs_equal_single_node(tmp_path, api, tiny_llama, tiny_llama_other):
     """The last stage reports the rows it judged; any node's API relays them (GenerateChunk)."""
     url, _ = api

@@ -69,7 +69,13 @@ def chat_logprobs(entries: list[TokenLogprob], text: TokenText) -> dict:
 def completion_logprobs(entries: list[TokenLogprob], offsets: list[int], text: TokenText) -> dict:
     """`choices[].logprobs` of a (legacy) completion; `offsets` are each token's character
     offset into the completion text."""
+    def alternatives(entry: TokenLogprob) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token, logprob in entry.top:  # tokens that render alike keep the likeliest's value
+            out.setdefault(text(token)[0], logprob)
+        return out
+
     return {"tokens": [text(e.token)[0] for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{text(t)[0]: lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [alternatives(e) for e in entries],
             "text_offset": list(offsets)}

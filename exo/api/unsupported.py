@@ -37,7 +37,7 @@ def unsupported_parameter(body: Any, chat: bool) -> tuple[str, str] | None:
         return "logit_bias", "logit_bias is not supported"
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
-        return "modalities", "only text output is supported"
+        return "modalities", "modalities other than [\"text\"] are not supported"
     if _set(body.get("audio")):
         return "audio", "audio output is not supported"
     if not chat:
