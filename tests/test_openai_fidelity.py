@@ -374,6 +374,8 @@ def test_ring_logprobs_equal_single_node(tmp_path, api, tiny_llama, tiny_llama_o
     with RingCluster(tmp_path, 2, str(tiny_llama), str(tiny_llama_other)) as cluster:
         for api_url, speculative in ((cluster.url, {"enabled": False}),
                                      (cluster.url, {"enabled": True, "pipelined": True, "draft_tokens": 3}),
+                                     (cluster.url, {"enabled": True, "pipelined": True, "draft_tokens": 3,
+                                                    "adaptive_speculation": False, "draft_model": str(tiny_llama)}),
                                      (cluster.api_url(1), {"enabled": True, "draft_tokens": 3})):
             body = httpx.post(f"{api_url}/v1/completions", json={**request, "speculative": speculative},
                               timeout=120).json()["choices"][0]
