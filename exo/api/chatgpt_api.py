@@ -22,11 +22,15 @@ from starlette.routing import Route
 
 from exo.api import limits
 from exo.api.access import AccessGuard
+from exo.api.choices import Choice, ChoiceError, choice_params, requested_choices, requested_logprobs, summed_usage
 from exo.api.limits import Limits, Refused
+from exo.api.logprobs import TokenText, chat_logprobs, completion_logprobs
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
+from exo.api.unsupported import unsupported_parameter
 from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
 from exo.inference.engine import ContextLengthError
+from exo.inference.logprobs import TokenLogprob
 from exo.inference.sources import ModelSourceError, ModelStore
 from exo.models import UnknownModelError
 from exo.networking.grpc_transport import PeerError
@@ -132,25 +136,30 @@ class ChatGPTAPI:
 
     # -- completions ---------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        body = await self._parse(request, ChatCompletionRequest)
+        body = await self._parse(request, ChatCompletionRequest, chat=True)
         if not body.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
         limits.check_prompt_chars(sum(len(m.text()) for m in body.messages), self.limits.max_prompt_chars,
                                   "messages")
         tokenizer = await self._tokenizer(body.model)
         prompt = tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await self._respond(request, body, tokenizer.encode(prompt), chat=True)
+        return await self._respond(request, body, [tokenizer.encode(prompt)], chat=True)
 
     async def completions(self, request: Request) -> Response:
-        body = await self._parse(request, CompletionRequest)
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        if not prompt:
-            raise APIError(400, "prompt must be a non-empty string", "prompt")
-        limits.check_prompt_chars(len(prompt), self.limits.max_prompt_chars, "prompt")
+        body = await self._parse(request, CompletionRequest, chat=False)
+        try:
+            prompts = body.prompts()
+        except ValueError as exc:
+            raise APIError(400, str(exc), "prompt") from exc
+        if not prompts or not all(prompts):
+            raise APIError(400, "prompt must be a non-empty string (or a list of them)", "prompt")
+        limits.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), self.limits.max_prompt_chars,
+                                  "prompt")
         tokenizer = await self._tokenizer(body.model)
-        return await self._respond(request, body, tokenizer.encode(prompt), chat=False)
+        return await self._respond(request, body, [tokenizer.encode(p) if isinstance(p, str) else p
+                                                   for p in prompts], chat=False)
 
-    async def _parse(self, request: Request, kind: type) -> Any:
+    async def _parse(self, request: Request, kind: type, chat: bool) -> Any:
         raw = await limits.read_body(request, self.limits.max_body_bytes)
         limits.check_depth(raw, self.limits.max_json_depth)
         try:
@@ -160,6 +169,9 @@ class ChatGPTAPI:
         except msgspec.DecodeError as exc:
             raise APIError(400, f"malformed JSON: {exc}") from exc
         limits.check_sampling(body)
+        refused = unsupported_parameter(msgspec.json.decode(raw), chat)
+        if refused is not None:
+            raise APIError(400, refused[1], refused[0], "unsupported_parameter")
         return body
 
     def _model_id(self, name: str | None, param: str = "model") -> str:
@@ -203,11 +215,15 @@ class ChatGPTAPI:
             raise APIError(400, str(exc), "speculative") from exc
         return params, config
 
-    async def _respond(self, request: Request, body: Any, prompt: list[int], chat: bool) -> Response:
+    async def _respond(self, request: Request, body: Any, prompts: list[list[int]], chat: bool) -> Response:
         params, config = self._settings(body)
+        try:
+            n, top = requested_choices(body), requested_logprobs(body, chat)
+        except ChoiceError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
         model_id = self._model_id(body.model)
         explicit = body.max_completion_tokens is not None or body.max_tokens is not None
-        budget = limits.fit_context(len(prompt), params.max_tokens, explicit,
+        budget = limits.fit_context(max(len(p) for p in prompts), params.max_tokens, explicit,
                                     await self.node.context_length(model_id), "messages" if chat else "prompt")
         params = msgspec.structs.replace(params, max_tokens=budget)
         try:
@@ -217,16 +233,37 @@ class ChatGPTAPI:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model or self.node.default_model
         tokenizer = self.node.tokenizer
-        text = TextStream(tokenizer, body.stops(), tokenizer.eos_token_ids)
+        for prompt in prompts:
+            if any(not 0 <= t < len(tokenizer) for t in prompt):
+                raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{len(tokenizer) - 1})",
+                               "prompt")
+        # Choice i*n + j is prompt i's j-th generation; choice 0 keeps the response's id.
+        choices = [Choice(i * n + j, request_id if i * n + j == 0 else f"{request_id}-{i * n + j}", prompt,
+                          choice_params(params, j, top), TextStream(tokenizer, body.stops(), tokenizer.eos_token_ids))
+                   for i, prompt in enumerate(prompts) for j in range(n)]
+        token_text = TokenText(tokenizer)
         created = int(time.time())
 
-        async def deltas() -> AsyncIterator[tuple[str, int]]:
-            """(text delta, 1) per generated token, until the budget, end of sequence or a stop string."""
+        async def deltas(choice: Choice) -> AsyncIterator[tuple[str, TokenLogprob | None, int]]:
+            """(text delta, log-prob entry if asked, its text offset) per generated token, until
+            the budget, end of sequence or a stop string."""
+            text = choice.text
             try:
-                async with aclosing(self.node.generate(model_id, prompt, params, config, request_id)) as blocks:
+                async with aclosing(self.node.generate(model_id, choice.prompt, choice.params, config,
+                                                       choice.request_id, logprobs=choice.logprobs)) as blocks:
                     async for tokens in blocks:
                         for token in tokens:
-                            yield text.push(token), 1
+                            entry, offset = None, choice.decoded
+                            if top is not None and token not in tokenizer.eos_token_ids:
+                                entry = choice.logprobs[choice.count]  # end of text shows no token
+                            choice.count += 1
+                            delta = text.push(token)
+                            if entry is not None:
+                                choice.reported.append(entry)
+                                choice.offsets.append(offset)
+                                if not chat:
+                                    choice.decoded = len(tokenizer.decode(text.ids))
+                            yield delta, entry, offset
                             if text.stopped:
                                 return
             except ConfigError as exc:
@@ -236,48 +273,59 @@ class ChatGPTAPI:
             except CLUSTER_ERRORS as exc:
                 raise _cluster_error(exc) from exc
 
-        def finish_reason() -> str:
-            if text.stopped:
+        def finish_reason(choice: Choice) -> str:
+            if choice.text.stopped:
                 return "stop"
-            outcome = self.node.outcome(request_id)
+            outcome = self.node.outcome(choice.request_id)
             return (outcome.finish_reason if outcome else None) or "stop"
 
-        def usage(completion_tokens: int) -> Usage:
-            outcome = self.node.outcome(request_id)
-            extra = None
-            if outcome is not None and outcome.metrics is not None and config.enabled:
-                snap = outcome.metrics
-                extra = {"drafted_tokens": snap.drafted_tokens, "accepted_tokens": snap.accepted_tokens,
-                         "acceptance_rate": snap.acceptance_rate,
-                         "mean_accepted_length": snap.mean_accepted_length}
-            return Usage(len(prompt), completion_tokens, len(prompt) + completion_tokens, extra)
+        def usage() -> Usage:
+            outcomes = [self.node.outcome(c.request_id) for c in choices] if config.enabled else []
+            return summed_usage(prompts, sum(c.count for c in choices),
+                                [o.metrics for o in outcomes if o is not None and o.metrics is not None])
+
+        def render(entries: list[TokenLogprob], offsets: list[int]) -> dict | None:
+            if top is None:
+                return None
+            return chat_logprobs(entries, token_text) if chat else completion_logprobs(entries, offsets, token_text)
 
         if body.stream:
-            return StreamingResponse(self._sse(request_id, model, created, chat, deltas(), text.flush,
-                                               finish_reason, usage),
+            return StreamingResponse(self._sse(request_id, model, created, chat, choices, deltas, finish_reason,
+                                               usage, render),
                                      media_type="text/event-stream")
-        pieces, count, error = [], 0, None
+        error = None
         async with anyio.create_task_group() as group:
             group.start_soon(self._cancel_on_disconnect, request, group.cancel_scope)
-            try:
-                async with aclosing(deltas()) as stream:
-                    async for delta, n in stream:
-                        pieces.append(delta)
-                        count += n
-                pieces.append(text.flush())
-            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
-                error = exc
+
+            async def collect(choice: Choice) -> None:
+                nonlocal error
+                try:
+                    async with aclosing(deltas(choice)) as stream:
+                        async for delta, _, _ in stream:
+                            choice.pieces.append(delta)
+                    choice.pieces.append(choice.text.flush())
+                except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+                    error = error or exc
+                    group.cancel_scope.cancel()
+
+            async with anyio.create_task_group() as work:
+                for choice in choices:
+                    work.start_soon(collect, choice)
             group.cancel_scope.cancel()
         if error is not None:
             raise error
         if await request.is_disconnected():
             return Response(status_code=499)
-        content = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
-                  else {"index": 0, "text": content, "logprobs": None})
-        choice["finish_reason"] = finish_reason()
+        rendered = []
+        for choice in choices:
+            content = "".join(choice.pieces)
+            item = ({"index": choice.index, "message": {"role": "assistant", "content": content}} if chat
+                    else {"index": choice.index, "text": content})
+            item["logprobs"] = render(choice.reported, choice.offsets)
+            item["finish_reason"] = finish_reason(choice)
+            rendered.append(item)
         return _json_response({"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                              "created": created, "model": model, "choices": [choice], "usage": usage(count)})
+                              "created": created, "model": model, "choices": rendered, "usage": usage()})
 
     async def _cancel_on_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:
         while not await request.is_disconnected():
@@ -285,31 +333,36 @@ class ChatGPTAPI:
         log.info("client disconnected; cancelling its generation")
         scope.cancel()
 
-    async def _sse(self, request_id: str, model: str, created: int, chat: bool,
-                   deltas: AsyncIterator[tuple[str, int]], tail: Callable[[], str],
-                   finish_reason: Callable[[], str], usage: Callable[[int], Usage]) -> AsyncIterator[bytes]:
-        """One chunk per token, then a final chunk (held-back text, finish_reason, usage), then [DONE]."""
+    async def _sse(self, request_id: str, model: str, created: int, chat: bool, choices: list[Choice],
+                   deltas: Callable[[Choice], AsyncIterator[tuple[str, TokenLogprob | None, int]]],
+                   finish_reason: Callable[[Choice], str], usage: Callable[[], Usage],
+                   render: Callable[[list[TokenLogprob], list[int]], dict | None]) -> AsyncIterator[bytes]:
+        """Per choice (one after another, each chunk naming its index): one chunk per token, then
+        a final chunk (held-back text, finish_reason); the last one carries the usage. Then [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, extra: dict | None = None, first: bool = False) -> bytes:
+        def chunk(index: int, delta: str | None, finish: str | None, logprobs: dict | None = None,
+                  extra: dict | None = None, first: bool = False) -> bytes:
             if chat:
                 payload = {"role": "assistant", "content": delta} if first else (
                     {"content": delta} if delta is not None else {})
-                choice = {"index": 0, "delta": payload, "finish_reason": finish}
+                choice = {"index": index, "delta": payload, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
             body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
             return b"data: " + _json.encode({**body, **(extra or {})}) + b"\n\n"
 
-        count = 0
-        first = True
         try:
-            async with aclosing(deltas) as stream:
-                async for delta, n in stream:
-                    count += n  # one chunk per generated token, even while its text is held back
-                    yield chunk(delta, None, first=first)
-                    first = False
-            yield chunk(tail() or None, finish_reason(), {"usage": msgspec.to_builtins(usage(count))})
+            for choice in choices:
+                first = True
+                async with aclosing(deltas(choice)) as stream:
+                    async for delta, entry, offset in stream:
+                        # one chunk per generated token, even while its text is held back
+                        logprobs = render([entry], [offset]) if entry is not None else None
+                        yield chunk(choice.index, delta, None, logprobs, first=first)
+                        first = False
+                extra = {"usage": msgspec.to_builtins(usage())} if choice is choices[-1] else None
+                yield chunk(choice.index, choice.text.flush() or None, finish_reason(choice), extra=extra)
         except APIError as exc:
             yield b"data: " + _json.encode(exc.body) + b"\n\n"
         except Exception as exc:  # the stream has started; report in-band rather than drop the connection

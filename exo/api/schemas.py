@@ -50,6 +50,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     speculative: SpeculativeOverrides | None = None
+    n: int | None = None  # choices, each its own generation
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -59,10 +60,24 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = []
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # 0..20 alternatives per token; needs logprobs
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]] = ""
+    # A string, a list of strings (one choice each), a list of token ids, or a list of those.
+    prompt: Union[str, list[Union[str, int, list[int]]]] = ""
+    logprobs: int | None = None  # 0..5 alternatives per token (OpenAI's legacy shape)
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per choice group: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        if any(isinstance(p, int) for p in self.prompt):
+            raise ValueError("prompt mixes token ids with strings or lists")
+        return list(self.prompt)
 
 
 class Usage(msgspec.Struct):

@@ -9,6 +9,7 @@ import msgspec
 import numpy as np
 
 from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.logprobs import MAX_TOP_LOGPROBS
 from exo.inference.sampling import judge_rng, sample_last
 from exo.inference.shard import Shard
 
@@ -19,6 +20,7 @@ class GenerationParams(msgspec.Struct, frozen=True):
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    logprobs: int | None = None  # None: off; N: each token's log-prob plus N top alternatives
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -29,6 +31,8 @@ class GenerationParams(msgspec.Struct, frozen=True):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
 
 async def generate_plain(engine: InferenceEngine, shard: Shard, prompt_ids: list[int],

@@ -10,6 +10,7 @@ import msgspec
 import numpy as np
 
 from exo.inference.generate import GenerationParams
+from exo.inference.logprobs import TokenLogprob
 from exo.networking.peer_info import PeerInfo
 from exo.speculative.config import SpeculativeConfig
 from exo.speculative.metrics import MetricsSnapshot
@@ -102,6 +103,7 @@ class Result(msgspec.Struct, frozen=True):
     deferred: bool = False
     compute: list[float] = []
     error: str = ""
+    logprobs: list[TokenLogprob] | None = None  # per emitted token, when the request asked
 
 
 class Prepare(msgspec.Struct, frozen=True):
@@ -127,6 +129,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
 
 class GenerateChunk(msgspec.Struct, frozen=True):
     tokens: list[int] = []
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
     finish_reason: str | None = None  # set on the last chunk
     metrics: MetricsSnapshot | None = None  # set on the last chunk
     error: str = ""

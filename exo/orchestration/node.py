@@ -26,6 +26,7 @@ import numpy as np
 
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
+from exo.inference.logprobs import TokenLogprob
 from exo.inference.shard import Shard
 from exo.models import ModelRegistry
 from exo.networking import wire
@@ -48,6 +49,7 @@ class RequestOutcome(msgspec.Struct, frozen=True):
     finish_reason: str | None
     metrics: MetricsSnapshot | None
 TokenCallback = Callable[[str, list[int], bool], None]
+Block = tuple[list[int], bool, list[TokenLogprob]]  # tokens, finished, their log-probs (if asked)
 StatusCallback = Callable[[str, str], None]
 
 
@@ -137,9 +139,11 @@ class Node:
     # -- generation ----------------------------------------------------------------------
     async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
-                       here: bool = False) -> AsyncIterator[list[int]]:
+                       here: bool = False, logprobs: list[TokenLogprob] | None = None) -> AsyncIterator[list[int]]:
         """Yield tokens block by block. `here`: schedule on this node whatever the ring says
-        (a peer forwarded the request to us; sending it on could loop)."""
+        (a peer forwarded the request to us; sending it on could loop). `logprobs`: a list the
+        caller owns, extended before each yield with the block's entries (when
+        `params.logprobs` asks), so entry i is always output token i's."""
         request_id = request_id or uuid.uuid4().hex
         shard = await self.shard_for(model_id)
         config = config or self.config
@@ -151,7 +155,9 @@ class Node:
             else:
                 blocks = self._generate_on(scheduler, shard, prompt, params, config, request_id)
             async with aclosing(blocks) as stream:
-                async for tokens, finished in stream:
+                async for tokens, finished, entries in stream:
+                    if logprobs is not None and entries:
+                        logprobs.extend(entries)
                     self._fire_tokens(request_id, tokens, finished)
                     yield tokens
         finally:
@@ -168,7 +174,7 @@ class Node:
         return self.draft_node if self.draft_node in members else members[0]
 
     async def _generate_here(self, shard: Shard, prompt: list[int], params: GenerationParams,
-                             config: SpeculativeConfig, request_id: str) -> AsyncIterator[tuple[list[int], bool]]:
+                             config: SpeculativeConfig, request_id: str) -> AsyncIterator[Block]:
         verifier = None
         if self._ring is not None and self.cluster is not None:
             cluster = self.cluster
@@ -177,8 +183,11 @@ class Node:
                                     cluster.timeouts.send_s)
         stream = self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier)
         async with aclosing(stream) as blocks:
+            reported = 0
             async for tokens in blocks:
-                yield tokens, self.engine.requests[request_id].finish_reason is not None
+                request = self.engine.requests[request_id]
+                entries, reported = request.logprobs[reported:], len(request.logprobs)
+                yield tokens, request.finish_reason is not None, entries
         request = self.engine.requests[request_id]
         entry = {"request_id": request_id, "model": shard.model_id,
                  **msgspec.to_builtins(self.engine.request_metrics(request))}
@@ -187,7 +196,7 @@ class Node:
         self.recent.append(entry)
 
     async def _generate_on(self, scheduler: str, shard: Shard, prompt: list[int], params: GenerationParams,
-                           config: SpeculativeConfig, request_id: str) -> AsyncIterator[tuple[list[int], bool]]:
+                           config: SpeculativeConfig, request_id: str) -> AsyncIterator[Block]:
         assert self.cluster is not None
         request = wire.encode(wire.GenerateRequest(request_id, shard.model_id, list(prompt), params, config))
         # The first chunk waits for the prompt's pass as well; later ones for one block each.
@@ -203,16 +212,18 @@ class Node:
                     self.remote_outcomes[request_id] = RequestOutcome(chunk.finish_reason, chunk.metrics)
                     while len(self.remote_outcomes) > 256:
                         self.remote_outcomes.popitem(last=False)
-                yield chunk.tokens, chunk.finish_reason is not None
+                yield chunk.tokens, chunk.finish_reason is not None, chunk.logprobs or []
 
     async def _serve_generate(self, payload: bytes) -> AsyncIterator[bytes]:
         """The draft node's side of `_generate_on`: run the request here, stream its blocks."""
         request = decode_message(self._generate_decoder, payload)
+        logprobs: list[TokenLogprob] = []
         try:
             async with aclosing(self.generate(request.model_id, request.prompt, request.params, request.config,
-                                              request.request_id, here=True)) as blocks:
+                                              request.request_id, here=True, logprobs=logprobs)) as blocks:
                 async for tokens in blocks:
-                    yield wire.encode(wire.GenerateChunk(tokens))
+                    entries = logprobs[len(logprobs) - len(tokens):] if request.params.logprobs is not None else None
+                    yield wire.encode(wire.GenerateChunk(tokens, entries))
         except ConfigError as exc:
             yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind="config"))
             return

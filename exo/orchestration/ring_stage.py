@@ -234,8 +234,9 @@ class RingMember:
         assert state.judge is not None and state.rng is not None
         rid = header.request_id
         if header.seq == 0:
-            token = state.judge.first_token(out[0, -1], state.rng)
-            return wire.Result(rid, 0, self.id, [token], kept=len(header.inputs), compute=compute)
+            first = state.judge.first(out[0, -1], state.rng, len(header.inputs))
+            return wire.Result(rid, 0, self.id, first.emitted, kept=first.kept, compute=compute,
+                               logprobs=first.logprobs)
         logits = None if out is None else out[0]
         width = logits.shape[-1] if logits is not None else state.judge.pending.shape[-1]
         probs = header.draft_probs.array() if header.draft_probs is not None else _one_hot(header.draft_tokens, width)
@@ -243,7 +244,7 @@ class RingMember:
                                     header.defer_bonus)
         rollback_to(self.engine, rid, verdict.kept)
         return wire.Result(rid, header.seq, self.id, verdict.emitted, verdict.accepted, verdict.drafted,
-                           verdict.kept, verdict.deferred, compute)
+                           verdict.kept, verdict.deferred, compute, logprobs=verdict.logprobs)
 
     def _release_abandoned(self) -> None:
         """Free requests whose origin never released them (it died, or this node was stalled

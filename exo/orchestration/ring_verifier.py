@@ -90,10 +90,10 @@ class RingVerifier:
         self.seq = 0
         self.times = RingTimes()
 
-    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> int:
+    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> Verdict:
         """`rng` is unused: the request's sampling RNG lives on the last stage."""
         result = await self._pass(0, list(prompt), 0, [], None, False)
-        return result.emitted[0]
+        return Verdict(result.emitted[:1], 0, 0, result.kept, logprobs=result.logprobs)
 
     async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
                      defer_bonus: bool = False) -> Verdict:
@@ -103,7 +103,8 @@ class RingVerifier:
         result = await self._pass(expected_cache(len(committed), self.pending), inputs, len(committed),
                                   block.tokens, probs, defer_bonus)
         self.pending = result.deferred
-        return Verdict(result.emitted, result.accepted, result.drafted, result.kept, result.deferred)
+        return Verdict(result.emitted, result.accepted, result.drafted, result.kept, result.deferred,
+                       result.logprobs)
 
     async def _pass(self, start: int, inputs: list[int], n_committed: int, draft_tokens: list[int],
                     probs: wire.SparseRows | None, defer_bonus: bool) -> wire.Result:

@@ -14,6 +14,7 @@ import numpy as np
 
 from exo.inference.engine import InferenceEngine, last_only
 from exo.inference.generate import GenerationParams
+from exo.inference.logprobs import TokenLogprob, token_logprobs
 from exo.inference.sampling import sample
 from exo.inference.shard import Shard
 from exo.speculative.kv import KVRollbackError, rollback_to
@@ -28,6 +29,7 @@ class Verdict:
     drafted: int  # block size
     kept: int  # tokens in the target's KV cache after rollback
     deferred: bool = False  # the target row for the next position is held back (see BlockJudge)
+    logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the request asked
 
     @property
     def diverged(self) -> bool:
@@ -54,14 +56,30 @@ class BlockJudge:
     against it. A pipelined drafter is already drafting from exactly that position, so its
     in-flight block stays valid (PEARL's post-verify), and nothing is lost: every position
     is still decided by the same rejection rule.
+
+    With `params.logprobs` set, every verdict also reports each emitted token's log-prob
+    from the raw row it was decided on (so speculation reports exactly what plain decoding
+    does); the raw row is then held beside the warped one.
     """
 
     def __init__(self, params: GenerationParams):
         self.params = params
         self.pending: np.ndarray | None = None  # warped target row for the next position
+        self.pending_raw: np.ndarray | None = None  # its raw logits, kept only for logprobs
 
     def first_token(self, last_logits: np.ndarray, rng: np.random.Generator) -> int:
         return sample(self.warp(last_logits[None])[0], rng)
+
+    def first(self, last_logits: np.ndarray, rng: np.random.Generator, kept: int) -> Verdict:
+        """The prompt's verdict: the first token, sampled from the prompt's last row."""
+        token = self.first_token(last_logits, rng)
+        return Verdict([token], 0, 0, kept, logprobs=self.logprobs(last_logits[None], [token]))
+
+    def logprobs(self, raw: np.ndarray, tokens: list[int]) -> list[TokenLogprob] | None:
+        """Entries for `tokens` emitted from `raw` rows, or None when the request did not ask."""
+        if self.params.logprobs is None:
+            return None
+        return token_logprobs(raw, tokens, self.params.logprobs)
 
     def judge(self, logits: np.ndarray | None, n_committed: int, tokens: list[int], probs: np.ndarray,
               rng: np.random.Generator, defer_bonus: bool = False) -> Verdict:
@@ -71,17 +89,25 @@ class BlockJudge:
             if self.pending is None or tokens:
                 raise ValueError("only a held target row can be sampled without a forward pass")
             token, self.pending = sample(self.pending, rng), None
-            return Verdict([token], 0, 0, n_committed)
+            raw, self.pending_raw = self.pending_raw, None
+            return Verdict([token], 0, 0, n_committed,
+                           logprobs=self.logprobs(raw[None], [token]) if raw is not None else None)
         rows = self.warp(logits)
+        raw = logits
         if self.pending is not None:
             rows = np.concatenate([self.pending[None], rows])
+            if self.pending_raw is not None:
+                raw = np.concatenate([self.pending_raw[None], raw])
         emitted = _verify(rows, tokens, probs, rng)
         accepted = len(emitted) - 1  # a residual sample never equals the rejected draft
-        self.pending = None
+        self.pending = self.pending_raw = None
         deferred = defer_bonus and accepted == len(tokens) > 0
         if deferred:
             emitted, self.pending = emitted[:-1], rows[-1]
-        return Verdict(emitted, accepted, len(tokens), n_committed + accepted, deferred)
+            if self.params.logprobs is not None:
+                self.pending_raw = np.asarray(raw[-1])
+        return Verdict(emitted, accepted, len(tokens), n_committed + accepted, deferred,
+                       self.logprobs(raw, emitted))
 
     def warp(self, rows: np.ndarray) -> np.ndarray:
         return warp(rows, self.params.temperature, self.params.top_k, self.params.top_p)
@@ -94,10 +120,10 @@ class TargetVerifier:
         self.engine, self.shard, self.request_id = engine, shard, request_id
         self.judge = BlockJudge(params)
 
-    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> int:
+    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> Verdict:
         """Process the prompt and sample the first token (no draft can help here)."""
         logits, _ = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([prompt]), last_only())
-        return self.judge.first_token(logits[0, -1], rng)
+        return self.judge.first(logits[0, -1], rng, len(prompt))
 
     async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
                      defer_bonus: bool = False) -> Verdict:
@@ -124,7 +150,8 @@ class TargetVerifier:
 class Verifier(Protocol):
     """What a scheduler needs from the target side, local or a ring of nodes."""
 
-    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> int: ...
+    async def prefill(self, prompt: list[int], rng: np.random.Generator) -> Verdict:
+        """The first token (`emitted[0]`) and, if asked, its log-prob."""
 
     async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
                      defer_bonus: bool = False) -> Verdict: ...

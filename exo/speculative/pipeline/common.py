@@ -9,6 +9,7 @@ import msgspec
 import numpy as np
 
 from exo.inference.generate import GenerationParams
+from exo.inference.logprobs import TokenLogprob
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.events import (
     BlockVerified, DraftProposed, EventBus, KVRollback, MetricsUpdate, SpeculationFallback,
@@ -33,11 +34,13 @@ class SpeculativeRequest:
     node_id: str = ""
     shard_label: str = ""
     blocks: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked
 
     async def prefill(self, verifier: Verifier, rng: np.random.Generator) -> list[int]:
         """Process the prompt and commit the first token; returns the committed sequence."""
         start = time.perf_counter()
-        first = self.finish([await verifier.prefill(self.prompt, rng)])
+        verdict = await verifier.prefill(self.prompt, rng)
+        first = self.finish(verdict.emitted, verdict.logprobs)
         self.metrics.prefill_time = time.perf_counter() - start
         return [*self.prompt, *first]
 
@@ -74,8 +77,9 @@ class SpeculativeRequest:
             self.publish(MetricsUpdate, **{k: v for k, v in msgspec.structs.asdict(snapshot).items()
                                            if k in MetricsUpdate.__struct_fields__})
 
-    def finish(self, emitted: list[int]) -> list[int]:
-        """Cut `emitted` at end-of-sequence or the token budget (setting the finish reason)."""
+    def finish(self, emitted: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Cut `emitted` at end-of-sequence or the token budget (setting the finish reason);
+        their log-probs, if any, are cut with them and kept in `self.logprobs`."""
         for i, token in enumerate(emitted):
             if token in self.eos_ids:
                 self.finish_reason = "stop"
@@ -86,4 +90,6 @@ class SpeculativeRequest:
                 emitted = emitted[: i + 1]
                 break
         self.produced += len(emitted)
+        if logprobs is not None:
+            self.logprobs += logprobs[: len(emitted)]
         return emitted

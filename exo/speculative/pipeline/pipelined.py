@@ -127,7 +127,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
             verified = time.perf_counter()
             times.busy += verified - started
             request.verified(block, verdict, block.draft_seconds, verified - started, drafts_open)
-            emitted = request.finish(verdict.emitted)
+            emitted = request.finish(verdict.emitted, verdict.logprobs)
             committed += emitted
             if verdict.diverged:
                 epoch += 1

@@ -52,6 +52,6 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
                 request.draft_failed(f"draft rollback failed: {exc}")
                 proposer = None
         request.verified(block, verdict, drafted - started, verified - drafted, proposer is not None)
-        emitted = request.finish(verdict.emitted)
+        emitted = request.finish(verdict.emitted, verdict.logprobs)
         committed += emitted
         yield emitted
