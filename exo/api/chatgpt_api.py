@@ -20,12 +20,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from exo.api import prometheus
+from exo.api.admitted import AdmittedResponse
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
+from exo.inference.cache_table import CacheTableFull
 from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
 from exo.inference.sources import ModelSourceError
 from exo.models import CARDS, UnknownModelError
 from exo.networking.grpc_transport import PeerError
+from exo.orchestration.admission import AdmissionRejected
 from exo.orchestration.node import Node
 from exo.orchestration.ring_stage import RingError
 from exo.speculative.config import ConfigError
@@ -36,9 +40,10 @@ _json = msgspec.json.Encoder()
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.body = status, ErrorResponse(ErrorBody(message, kind, param, code))
+        self.headers = headers
 
 
 CLUSTER_ERRORS = (RingError, PeerError)
@@ -49,8 +54,13 @@ def _cluster_error(exc: Exception) -> APIError:
     return APIError(503, f"cluster: {exc}", None, "ring_failed", "server_error")
 
 
-def _json_response(value: Any, status: int = 200) -> Response:
-    return Response(_json.encode(value), status_code=status, media_type="application/json")
+def _rejected(exc: AdmissionRejected) -> APIError:
+    """Not admitted (queue full, or no slot in time): 429, and when to come back."""
+    return APIError(429, str(exc), None, exc.reason, "rate_limit_error", {"Retry-After": str(exc.retry_after_s)})
+
+
+def _json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(value), status_code=status, media_type="application/json", headers=headers)
 
 
 class ChatGPTAPI:
@@ -65,12 +75,13 @@ class ChatGPTAPI:
             Route("/v1/speculative/metrics", self.metrics),
             Route("/v1/speculative/events", self.events),
             Route("/v1/topology", self.topology),
+            Route("/metrics", self.prometheus_metrics),
         ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
                                Exception: self._internal_error})
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
-        return _json_response(exc.body, exc.status)
+        return _json_response(exc.body, exc.status, exc.headers)
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         """A bug, not the client's fault: logged with its traceback, answered in the API's format."""
@@ -98,7 +109,12 @@ class ChatGPTAPI:
     async def metrics(self, request: Request) -> Response:
         engines = {"target": self.node.engine.target.name, "draft": self.node.engine.draft.name}
         return _json_response({"node_id": self.node.id, "engines": engines, "totals": self.node.engine.get_metrics(),
-                              "recent": list(self.node.recent), "cluster": self.node.cluster_metrics()})
+                              "recent": list(self.node.recent), "cluster": self.node.cluster_metrics(),
+                              "live_requests": self.node.live_requests(), "queued_requests": self.node.admission.queued})
+
+    async def prometheus_metrics(self, request: Request) -> Response:
+        """The node's counters for a Prometheus scraper (text exposition format 0.0.4)."""
+        return Response(prometheus.exposition(self.node), media_type=prometheus.CONTENT_TYPE)
 
     async def topology(self, request: Request) -> Response:
         """The nodes this node can reach and the ring the current model runs on."""
@@ -169,7 +185,8 @@ class ChatGPTAPI:
             raise APIError(400, str(exc), "speculative") from exc
         return params, config
 
-    async def _respond(self, request: Request, body: Any, prompt: list[int], chat: bool) -> Response:
+    async def _respond(self, request: Request, body: Any, prompt: list[int],
+                       chat: bool) -> Response | AdmittedResponse:
         params, config = self._settings(body)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model or self.node.default_model
@@ -190,6 +207,10 @@ class ChatGPTAPI:
                 raise APIError(400, str(exc), "speculative") from exc
             except CLUSTER_ERRORS as exc:
                 raise _cluster_error(exc) from exc
+            except AdmissionRejected as exc:  # by the draft node this request was forwarded to
+                raise _rejected(exc) from exc
+            except CacheTableFull as exc:
+                raise APIError(503, str(exc), None, "cache_full", "server_error") from exc
 
         def finish_reason() -> str:
             if text.stopped:
@@ -207,19 +228,23 @@ class ChatGPTAPI:
                          "mean_accepted_length": snap.mean_accepted_length}
             return Usage(len(prompt), completion_tokens, len(prompt) + completion_tokens, extra)
 
-        if body.stream:
-            return StreamingResponse(self._sse(request_id, model, created, chat, deltas(), text.flush,
-                                               finish_reason, usage),
-                                     media_type="text/event-stream")
+        if body.stream:  # admitted before the 200 goes out; the slot is held for the whole stream
+            stream = StreamingResponse(self._sse(request_id, model, created, chat, deltas(), text.flush,
+                                                 finish_reason, usage),
+                                       media_type="text/event-stream")
+            return AdmittedResponse(lambda: self.node.admit(request_id), stream,
+                                    lambda exc: self._refusal(_rejected(exc)))
         pieces, count, error = [], 0, None
         async with anyio.create_task_group() as group:
             group.start_soon(self._cancel_on_disconnect, request, group.cancel_scope)
             try:
-                async with aclosing(deltas()) as stream:
+                async with self.node.admit(request_id), aclosing(deltas()) as stream:
                     async for delta, n in stream:
                         pieces.append(delta)
                         count += n
                 pieces.append(text.flush())
+            except AdmissionRejected as exc:
+                error = _rejected(exc)
             except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
                 error = exc
             group.cancel_scope.cancel()
@@ -233,6 +258,9 @@ class ChatGPTAPI:
         choice["finish_reason"] = finish_reason()
         return _json_response({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                               "created": created, "model": model, "choices": [choice], "usage": usage(count)})
+
+    def _refusal(self, error: APIError) -> Response:
+        return _json_response(error.body, error.status, error.headers)
 
     async def _cancel_on_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:
         while not await request.is_disconnected():
