@@ -231,6 +231,28 @@ async def test_node_queues_past_its_limit_and_lists_live_requests(tiny_llama, ti
         node.close()
 
 
+async def test_default_limit_is_sized_from_memory_when_the_model_loads(tiny_llama, monkeypatch):
+    import exo.orchestration.node as node_module
+
+    per_request = 2 * kv_bytes_per_token(json.loads((tiny_llama / "config.json").read_text())) * 512
+    monkeypatch.setattr(node_module, "available_memory", lambda: 6 * per_request)  # half of it: 3 requests
+    alone = _node(tiny_llama, tiny_llama, None)
+    stage = Node("stage", lambda: (MLXInferenceEngine(), MLXInferenceEngine()), SpeculativeConfig(),
+                 str(tiny_llama), cluster=lambda engine, events: Cluster(
+                     PeerInfo("stage", "127.0.0.1", free_port()), engine, events, discovery=None))
+    try:
+        # Before a model is loaded here, a node with a cluster may be another node's ring
+        # stage: its table keeps room for what any memory-sized draft node admits.
+        assert stage.engine.target._caches.capacity == 64
+        for node in (alone, stage):
+            await node.shard_for(None)
+            assert node.admission.max_live == 3
+            assert node.engine.target._caches.capacity == node.engine.draft._caches.capacity == 3
+    finally:
+        alone.close()
+        stage.close()
+
+
 # -- the API -----------------------------------------------------------------------------------------
 def _chat_body(content, max_tokens=12, stream=False, **extra):
     return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,

@@ -30,8 +30,8 @@ from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.networking import wire
 from exo.orchestration import counters as status
-from exo.orchestration.admission import (QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGate, AdmissionRejected,
-                                         available_memory, max_live_from_memory)
+from exo.orchestration.admission import (MAX_AUTO_LIVE, QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGate,
+                                         AdmissionRejected, available_memory, max_live_from_memory)
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.counters import NodeCounters
 from exo.orchestration.ring_stage import RingError, decode_message
@@ -89,7 +89,6 @@ class Node:
         self._auto_limit = max_concurrent_requests is None
         self.admission = AdmissionGate(max_concurrent_requests or DEFAULT_CAPACITY, max_queued_requests,
                                        queue_timeout_s)
-        self.engine.set_cache_policy(self.admission.max_live, self._is_live)
         self._model_lock = anyio.Lock()  # serialises model switches
         self._active = 0
         self._idle = anyio.Condition()
@@ -106,6 +105,7 @@ class Node:
         self._generate_decoder = wire.decoder(wire.GenerateRequest)
         self._chunk_decoder = wire.decoder(wire.GenerateChunk)
         self._status_decoder = wire.decoder(wire.OpaqueStatus)
+        self._size_caches()
 
     # -- models --------------------------------------------------------------------------
     async def shard_for(self, model_id: str | None) -> Shard:
@@ -123,6 +123,7 @@ class Node:
                     while self._active:
                         await self._idle.wait()
                 self._shard = self._ring = None
+                self._size_caches(ring is not None)
                 if ring is None:
                     await self.engine.target.ensure_shard(shard)
                 else:
@@ -145,7 +146,19 @@ class Node:
     def set_max_concurrent_requests(self, limit: int) -> None:
         """Change the admission limit; the engines' cache tables follow it."""
         self.admission.resize(limit)
-        self.engine.set_cache_policy(limit, self._is_live)
+        self._size_caches(self._ring is not None)
+
+    def _size_caches(self, in_ring: bool | None = None) -> None:
+        """Bound the engines' cache tables by the admission limit. A ring stage also holds the
+        requests the draft node admits: with the default (memory-sized) limit, which is at
+        most MAX_AUTO_LIVE on any node, it keeps room for that many; an explicit limit is
+        taken as this node's (give every node of a ring the same one)."""
+        if in_ring is None:  # not loaded here yet: may serve as another node's stage
+            in_ring = self.cluster is not None
+        capacity = self.admission.max_live
+        if in_ring and self._auto_limit:
+            capacity = max(capacity, MAX_AUTO_LIVE)
+        self.engine.set_cache_policy(capacity, self._is_live)
 
     def _is_live(self, request_id: str) -> bool:
         """A request whose KV cache must stay: admitted here, or a ring stage's request."""
