@@ -1,6 +1,7 @@
 """/metrics: Prometheus text exposition from the node's counters, served for real."""
 
 import math
+import time
 
 import anyio
 import httpx
@@ -134,3 +135,30 @@ def test_rejections_are_counted_by_reason(api):
         node.admission.max_queued = queued
     assert value(families, "exo_requests_rejected_total", reason="queue_full") == before + 1
     assert value(families, "exo_requests_total", status="rejected") >= 1
+
+
+def test_a_ring_reports_stage_compute_times_and_both_apis_count(tmp_path, tiny_llama, tiny_llama_other):
+    """Two real node processes: node 0 drafts and schedules; node 1's API forwards to it."""
+    from exo.devtools.local_ring import RingCluster
+
+    with RingCluster(tmp_path, 2, str(tiny_llama), str(tiny_llama_other),
+                     extra=("--max-concurrent-requests", "4")) as cluster:
+        deadline = time.monotonic() + 60  # RingCluster waits for node 0's view only
+        while len(httpx.get(f"{cluster.api_url(1)}/v1/topology", timeout=10).json()["nodes"]) < 2:
+            assert time.monotonic() < deadline, "node 1 never saw node 0"
+            time.sleep(0.1)
+        for url in (cluster.url, cluster.api_url(1)):
+            response = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "prompt": "ring", "max_tokens": 12, "temperature": 0,
+                "speculative": {"enabled": True, "draft_tokens": 3}})
+            assert response.status_code == 200, response.text
+        scheduler, forwarder = scrape(cluster.url), scrape(cluster.api_url(1))
+    assert value(scheduler, "exo_requests_total", status="completed") == 2  # one its own, one forwarded
+    assert value(forwarder, "exo_requests_total", status="completed") == 1
+    assert value(scheduler, "exo_requests_max_live") == value(forwarder, "exo_requests_max_live") == 4
+    assert value(scheduler, "exo_ring_passes_total") > 0 and value(scheduler, "exo_ring_pass_seconds_total") > 0
+    assert {labels for labels in scheduler["exo_ring_stage_compute_seconds_total"]["samples"]} == {
+        (("stage", "0"),), (("stage", "1"),)}
+    assert all(v > 0 for v in scheduler["exo_ring_stage_compute_seconds_total"]["samples"].values())
+    assert value(scheduler, "exo_speculative_drafted_tokens_total", drafter="model") > 0
+    assert forwarder["exo_ring_stage_compute_seconds_total"]["samples"] == {}  # scheduled elsewhere
