@@ -54,13 +54,13 @@ class RequestOutcome(msgspec.Struct, frozen=True):
     finish_reason: str | None
     metrics: MetricsSnapshot | None
 TokenCallback = Callable[[str, list[int], bool], None]
+StatusCallback = Callable[[str, str], None]
 REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT)
 
 
 def drafter_name(config: SpeculativeConfig) -> str:
     """The label a request's drafted and accepted tokens are counted under."""
     return getattr(config, "drafter", None) or "model"
-StatusCallback = Callable[[str, str], None]
 
 
 class Node:
@@ -115,14 +115,14 @@ class Node:
         async with self._model_lock:
             shard = self._full_shards.get(model_id) or await self.engine.full_shard(model_id)
             self._full_shards[model_id] = shard
-            if self._auto_limit and self._shard != shard:
-                await self._size_admission(model_id)
             ring = self.cluster.ring(shard.n_layers) if self.cluster is not None and self.cluster.peers else None
             if self._shard != shard or ring != self._ring:
                 async with self._idle:
                     while self._active:
                         await self._idle.wait()
-                self._shard = self._ring = None
+                previous, self._shard, self._ring = self._shard, None, None
+                if self._auto_limit and previous != shard:
+                    await self._size_admission(model_id)
                 self._size_caches(ring is not None)
                 if ring is None:
                     await self.engine.target.ensure_shard(shard)
