@@ -394,3 +394,32 @@ def test_client_leaving_the_queue_frees_its_place(busy_api):
         node.admission.release("holder")
     assert node.admission.live == []
     assert httpx.post(f"{url}/v1/chat/completions", json=_chat_body("still fine"), timeout=60).status_code == 200
+
+
+def test_a_draft_node_refusal_reaches_the_client_of_another_node_as_429(tmp_path, tiny_llama, tiny_llama_other):
+    """Node 1's API forwards to node 0 (the draft node), whose one slot is taken: 429 + Retry-After."""
+    from exo.devtools.local_ring import RingCluster
+
+    flags = ("--max-concurrent-requests", "1", "--max-queued-requests", "0", "--link-delay-ms", "20")
+    with RingCluster(tmp_path, 2, str(tiny_llama), str(tiny_llama_other), extra=flags) as cluster:
+        _wait_for(lambda: len(httpx.get(f"{cluster.api_url(1)}/v1/topology", timeout=10).json()["nodes"]) == 2,
+                  timeout=60)
+        long: list[httpx.Response] = []
+        runner = threading.Thread(target=lambda: long.append(httpx.post(
+            f"{cluster.url}/v1/completions", json={"prompt": "slow", "max_tokens": 200, "temperature": 0},
+            timeout=300)))
+        runner.start()
+        try:
+            _wait_for(lambda: httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["live_requests"],
+                      timeout=60)  # the long request holds node 0's slot (each token: >= 40 ms of links)
+            refused = httpx.post(f"{cluster.api_url(1)}/v1/completions", timeout=60,
+                                 json={"prompt": "me too", "max_tokens": 4, "temperature": 0})
+            assert long == []  # still running: the refusal was for want of a slot
+        finally:
+            runner.join(300)
+        metrics = httpx.get(f"{cluster.api_url(1)}/v1/speculative/metrics", timeout=10).json()
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == QUEUE_FULL and "node0" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert long[0].status_code == 200 and long[0].json()["usage"]["completion_tokens"] > 0
+    assert metrics["live_requests"] == []
