@@ -88,6 +88,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.draft.free_cache(request_id)
 
     def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        """Both engines hold one cache per live request, so both get the same bound."""
         self.target.set_cache_policy(capacity, is_live)
         self.draft.set_cache_policy(capacity, is_live)
 
