@@ -65,6 +65,10 @@ async def serve_command(args: argparse.Namespace) -> int:
         config = speculative_config(args)
         discovery = discovery_for(args, info)
         models = registered_models(args.model_dir)
+        if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
+            raise ValueError("--max-concurrent-requests must be at least 1")
+        if args.max_queued_requests < 0 or args.queue_timeout <= 0:
+            raise ValueError("--max-queued-requests must be at least 0 and --queue-timeout positive")
     except (ConfigError, ValueError) as exc:
         print(f"exo: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +78,9 @@ async def serve_command(args: argparse.Namespace) -> int:
 
     node = Node(node_id, lambda: engine_pair(args), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
-                cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models)
+                cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models,
+                max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
+                queue_timeout_s=args.queue_timeout)
     try:
         async with anyio.create_task_group() as group:
             await group.start(node.cluster.run)

@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-temp", type=float, default=0.0, help="temperature when a request sets none")
     parser.add_argument("--max-generate-tokens", type=int, default=1024,
                         help="token budget when a request sets none (default 1024)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=None,
+                        help="requests generating at once; more wait in a first-come queue (default: as many "
+                             "as fit 4096-token KV caches in half the free memory, 1 to 64)")
+    parser.add_argument("--max-queued-requests", type=int, default=64,
+                        help="requests that may wait for a slot; more get 429 with Retry-After (default 64)")
+    parser.add_argument("--queue-timeout", type=float, default=60.0,
+                        help="seconds a request may wait for a slot before it gets 429 (default 60)")
     add_speculative_arguments(parser)
     add_cluster_arguments(parser)
     commands = parser.add_subparsers(dest="command", metavar="{run}")

@@ -20,13 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from exo.api import limits
+from exo.api import limits, prometheus
 from exo.api.access import AccessGuard
+from exo.api.admitted import AdmittedResponse
 from exo.api.choices import Choice, ChoiceError, choice_params, requested_choices, requested_logprobs, summed_usage
 from exo.api.limits import Limits, Refused
 from exo.api.logprobs import TokenText, chat_logprobs, completion_logprobs
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
 from exo.api.unsupported import unsupported_parameter
+from exo.inference.cache_table import CacheTableFull
 from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
 from exo.inference.engine import ContextLengthError
@@ -34,6 +36,7 @@ from exo.inference.logprobs import TokenLogprob
 from exo.inference.sources import ModelSourceError, ModelStore
 from exo.models import UnknownModelError
 from exo.networking.grpc_transport import PeerError
+from exo.orchestration.admission import AdmissionRejected
 from exo.orchestration.node import Node
 from exo.orchestration.ring_stage import RingError
 from exo.speculative.config import AUTO, ConfigError
@@ -44,9 +47,10 @@ _json = msgspec.json.Encoder()
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.body = status, ErrorResponse(ErrorBody(message, kind, param, code))
+        self.headers = headers
 
 
 CLUSTER_ERRORS = (RingError, PeerError)
@@ -57,8 +61,13 @@ def _cluster_error(exc: Exception) -> APIError:
     return APIError(503, f"cluster: {exc}", None, "ring_failed", "server_error")
 
 
-def _json_response(value: Any, status: int = 200) -> Response:
-    return Response(_json.encode(value), status_code=status, media_type="application/json")
+def _rejected(exc: AdmissionRejected) -> APIError:
+    """Not admitted (queue full, or no slot in time): 429, and when to come back."""
+    return APIError(429, str(exc), None, exc.reason, "rate_limit_error", {"Retry-After": str(exc.retry_after_s)})
+
+
+def _json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(value), status_code=status, media_type="application/json", headers=headers)
 
 
 class ChatGPTAPI:
@@ -75,6 +84,7 @@ class ChatGPTAPI:
             Route("/v1/speculative/metrics", self.metrics),
             Route("/v1/speculative/events", self.events),
             Route("/v1/topology", self.topology),
+            Route("/metrics", self.prometheus_metrics),
         ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
                                Exception: self._internal_error})
         self.app.add_exception_handler(Refused, self._refused)
@@ -82,7 +92,7 @@ class ChatGPTAPI:
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
-        return _json_response(exc.body, exc.status)
+        return _json_response(exc.body, exc.status, exc.headers)
 
     async def _refused(self, request: Request, exc: Refused) -> Response:
         return _json_response(ErrorResponse(ErrorBody(exc.message, exc.kind, exc.param, exc.code)), exc.status)
@@ -119,7 +129,12 @@ class ChatGPTAPI:
     async def metrics(self, request: Request) -> Response:
         engines = {"target": self.node.engine.target.name, "draft": self.node.engine.draft.name}
         return _json_response({"node_id": self.node.id, "engines": engines, "totals": self.node.engine.get_metrics(),
-                              "recent": list(self.node.recent), "cluster": self.node.cluster_metrics()})
+                              "recent": list(self.node.recent), "cluster": self.node.cluster_metrics(),
+                              "live_requests": self.node.live_requests(), "queued_requests": self.node.admission.queued})
+
+    async def prometheus_metrics(self, request: Request) -> Response:
+        """The node's counters for a Prometheus scraper (text exposition format 0.0.4)."""
+        return Response(prometheus.exposition(self.node), media_type=prometheus.CONTENT_TYPE)
 
     async def topology(self, request: Request) -> Response:
         """The nodes this node can reach and the ring the current model runs on."""
@@ -215,7 +230,8 @@ class ChatGPTAPI:
             raise APIError(400, str(exc), "speculative") from exc
         return params, config
 
-    async def _respond(self, request: Request, body: Any, prompts: list[list[int]], chat: bool) -> Response:
+    async def _respond(self, request: Request, body: Any, prompts: list[list[int]],
+                       chat: bool) -> Response | AdmittedResponse:
         params, config = self._settings(body)
         try:
             n, top = requested_choices(body), requested_logprobs(body, chat)
@@ -250,7 +266,8 @@ class ChatGPTAPI:
             text = choice.text
             try:
                 async with aclosing(self.node.generate(model_id, choice.prompt, choice.params, config,
-                                                       choice.request_id, logprobs=choice.logprobs)) as blocks:
+                                                       choice.request_id, logprobs=choice.logprobs,
+                                                       slot=request_id if body.stream else None)) as blocks:
                     async for tokens in blocks:
                         for token in tokens:
                             entry, offset = None, choice.decoded
@@ -272,6 +289,10 @@ class ChatGPTAPI:
                 raise APIError(400, str(exc), "max_tokens", "context_length_exceeded") from exc
             except CLUSTER_ERRORS as exc:
                 raise _cluster_error(exc) from exc
+            except AdmissionRejected as exc:  # by the draft node this request was forwarded to
+                raise _rejected(exc) from exc
+            except CacheTableFull as exc:
+                raise APIError(503, str(exc), None, "cache_full", "server_error") from exc
 
         def finish_reason(choice: Choice) -> str:
             if choice.text.stopped:
@@ -289,21 +310,27 @@ class ChatGPTAPI:
                 return None
             return chat_logprobs(entries, token_text) if chat else completion_logprobs(entries, offsets, token_text)
 
-        if body.stream:
-            return StreamingResponse(self._sse(request_id, model, created, chat, choices, deltas, finish_reason,
-                                               usage, render),
-                                     media_type="text/event-stream")
+        if body.stream:  # admitted before the 200 goes out; the slot is held for the whole stream
+            stream = StreamingResponse(self._sse(request_id, model, created, chat, choices, deltas, finish_reason,
+                                                 usage, render),
+                                       media_type="text/event-stream")
+            return AdmittedResponse(lambda: self.node.admit(request_id), stream,
+                                    lambda exc: self._refusal(_rejected(exc)))
         error = None
         async with anyio.create_task_group() as group:
             group.start_soon(self._cancel_on_disconnect, request, group.cancel_scope)
 
             async def collect(choice: Choice) -> None:
+                """One choice under its own admission slot (choices of one request queue like others)."""
                 nonlocal error
                 try:
-                    async with aclosing(deltas(choice)) as stream:
+                    async with self.node.admit(choice.request_id), aclosing(deltas(choice)) as stream:
                         async for delta, _, _ in stream:
                             choice.pieces.append(delta)
                     choice.pieces.append(choice.text.flush())
+                except AdmissionRejected as exc:
+                    error = error or _rejected(exc)
+                    group.cancel_scope.cancel()
                 except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
                     error = error or exc
                     group.cancel_scope.cancel()
@@ -326,6 +353,9 @@ class ChatGPTAPI:
             rendered.append(item)
         return _json_response({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                               "created": created, "model": model, "choices": rendered, "usage": usage()})
+
+    def _refusal(self, error: APIError) -> Response:
+        return _json_response(error.body, error.status, error.headers)
 
     async def _cancel_on_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:
         while not await request.is_disconnected():

@@ -114,5 +114,10 @@ class InferenceEngine(ABC):
     def free_cache(self, request_id: str) -> None:
         """Forget the request's KV cache."""
 
+    def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        """Hold caches for at most `capacity` requests and never evict a live one (`is_live`,
+        read from the engine's worker thread, says which are; without it all are): the node
+        sizes this from its admission limit. Engines without a bounded table ignore it."""
+
     def close(self) -> None:
         """Release worker threads; call before the process exits."""

@@ -46,7 +46,7 @@ class Call(msgspec.Struct, frozen=True):
     model_dir: str = ""
     array: Array | None = None
     state: dict[str, Any] | None = None
-    n: int = 0
+    n: int = 0  # trim: tokens to drop; load: cache table capacity (0: the engine's default)
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -76,6 +76,7 @@ class ProcessInferenceEngine(InferenceEngine):
         self._conn = None
         self._lock = anyio.Lock()
         self._offsets: dict[str, int] = {}
+        self._cache_capacity = 0  # 0: the child engine's default; sent with every load
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Reply)
         self.shard: Shard | None = None
         self.tokenizer = None
@@ -136,7 +137,7 @@ class ProcessInferenceEngine(InferenceEngine):
         from exo.inference.tokenizer import load_tokenizer
 
         await self._call(Call("load", shard=(shard.model_id, shard.start_layer, shard.end_layer, shard.n_layers),
-                              model_dir=str(path)))
+                              model_dir=str(path), n=self._cache_capacity))
         self.tokenizer = await anyio.to_thread.run_sync(load_tokenizer, Path(path))
         self.shard = shard
         self._offsets.clear()
@@ -161,6 +162,11 @@ class ProcessInferenceEngine(InferenceEngine):
         if n_tokens < 0 or n_tokens > held:
             raise ValueError(f"cannot trim {n_tokens} tokens from request {request_id!r} holding {held}")
         self._offsets[request_id] = self._sync_call(Call("trim", request_id, n=n_tokens)).offset
+
+    def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        """The child gets the capacity (with the next load); `is_live` cannot cross the pipe,
+        so there every cache counts as live and requests leave only through `free_cache`."""
+        self._cache_capacity = capacity
 
     def free_cache(self, request_id: str) -> None:
         self._offsets.pop(request_id, None)
@@ -209,6 +215,8 @@ async def _serve_loop(conn, engine) -> None:
                 break
             if call.op == "load":
                 shard = Shard(*call.shard)
+                if call.n:
+                    engine.set_cache_policy(call.n)
                 await engine.load_checkpoint(shard, call.model_dir)
             elif call.op == "infer":
                 out, _ = await engine.infer_tensor(call.request_id, shard, call.array.numpy(), call.state)

@@ -133,7 +133,8 @@ class GenerateChunk(msgspec.Struct, frozen=True):
     finish_reason: str | None = None  # set on the last chunk
     metrics: MetricsSnapshot | None = None  # set on the last chunk
     error: str = ""
-    error_kind: str = ""  # "config" (the request is wrong) or "cluster"
+    error_kind: str = ""  # "config" (the request is wrong), "cluster", or an admission refusal's reason
+    retry_after_s: int = 0  # with an admission refusal: when to try again
 
 
 class OpaqueStatus(msgspec.Struct, frozen=True):

@@ -17,20 +17,25 @@ import json
 import logging
 import uuid
 from collections import OrderedDict, deque
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import anyio
 import msgspec
 import numpy as np
 
+from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTableFull
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob
 from exo.inference.shard import Shard
 from exo.models import ModelRegistry
 from exo.networking import wire
+from exo.orchestration import counters as status
+from exo.orchestration.admission import (MAX_AUTO_LIVE, QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGate,
+                                         AdmissionRejected, available_memory, max_live_from_memory)
 from exo.orchestration.cluster import Cluster
+from exo.orchestration.counters import NodeCounters
 from exo.orchestration.ring_stage import RingError, decode_message
 from exo.orchestration.ring_verifier import RingVerifier
 from exo.speculative.config import AUTO, ConfigError, SpeculativeConfig
@@ -43,6 +48,8 @@ log = logging.getLogger("exo.node")
 
 
 STATUS_TIMEOUT_S = 15.0
+CONTEXT_BUDGET_TOKENS = 4096  # the context a request is assumed to fill when sizing the default limit
+CACHE_FULL = "cache_full"  # an engine refused a request: its cache table was full of live ones
 
 
 class RequestOutcome(msgspec.Struct, frozen=True):
@@ -51,6 +58,12 @@ class RequestOutcome(msgspec.Struct, frozen=True):
 TokenCallback = Callable[[str, list[int], bool], None]
 Block = tuple[list[int], bool, list[TokenLogprob]]  # tokens, finished, their log-probs (if asked)
 StatusCallback = Callable[[str, str], None]
+REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT)
+
+
+def drafter_name(config: SpeculativeConfig) -> str:
+    """The label a request's drafted and accepted tokens are counted under."""
+    return getattr(config, "drafter", None) or "model"
 
 
 class Node:
@@ -59,7 +72,11 @@ class Node:
                  default_temperature: float = 0.0, recent_window: int = 32,
                  cluster: Callable[[InferenceEngine, EventBus], Cluster] | None = None,
                  pass_timeout_s: float = 60.0, draft_node: str | None = None,
-                 models: ModelRegistry | None = None):
+                 max_concurrent_requests: int | None = None, max_queued_requests: int = 64,
+                 queue_timeout_s: float = 60.0, models: ModelRegistry | None = None):
+        """`max_concurrent_requests`: live requests at once (None: sized from free memory when
+        a model loads, see `admission.max_live_from_memory`); more wait, up to
+        `max_queued_requests` of them and `queue_timeout_s` each."""
         self.id = node_id
         # What clients may name: the cards, the operator's own default and draft, and `models`.
         self.models = models or ModelRegistry()
@@ -77,6 +94,10 @@ class Node:
         self.on_token: list[TokenCallback] = []
         self.on_opaque_status: list[StatusCallback] = []
         self.recent: deque[dict] = deque(maxlen=recent_window)
+        self.counters = NodeCounters()
+        self._auto_limit = max_concurrent_requests is None
+        self.admission = AdmissionGate(max_concurrent_requests or DEFAULT_CAPACITY, max_queued_requests,
+                                       queue_timeout_s)
         self._model_lock = anyio.Lock()  # serialises model switches
         self._active = 0
         self._idle = anyio.Condition()
@@ -93,6 +114,7 @@ class Node:
         self._generate_decoder = wire.decoder(wire.GenerateRequest)
         self._chunk_decoder = wire.decoder(wire.GenerateChunk)
         self._status_decoder = wire.decoder(wire.OpaqueStatus)
+        self._size_caches()
 
     # -- models --------------------------------------------------------------------------
     async def shard_for(self, model_id: str | None) -> Shard:
@@ -107,13 +129,73 @@ class Node:
                 async with self._idle:
                     while self._active:
                         await self._idle.wait()
-                self._shard = self._ring = None
+                previous, self._shard, self._ring = self._shard, None, None
+                if self._auto_limit and previous != shard:
+                    await self._size_admission(model_id)
+                self._size_caches(ring is not None)
                 if ring is None:
                     await self.engine.target.ensure_shard(shard)
                 else:
                     await self.cluster.prepare(model_id, shard.n_layers, ring)
                 self._shard, self._ring = shard, ring
             return self._shard
+
+    async def _size_admission(self, model_id: str) -> None:
+        """The default limit: as many requests as fit their KV caches in half the free memory."""
+        model_dir = await anyio.to_thread.run_sync(self.engine.model_dir_for, model_id)
+        model_config = json.loads(await anyio.Path(model_dir, "config.json").read_text())
+        context = min(int(model_config.get("max_position_embeddings") or CONTEXT_BUDGET_TOKENS),
+                      CONTEXT_BUDGET_TOKENS)
+        limit = max_live_from_memory(model_config, context, available_memory())
+        if limit != self.admission.max_live:
+            log.info("%s: at most %d concurrent requests (KV caches of %d tokens in half the free memory)",
+                     model_id, limit, context)
+        self.set_max_concurrent_requests(limit)
+
+    def set_max_concurrent_requests(self, limit: int) -> None:
+        """Change the admission limit; the engines' cache tables follow it."""
+        self.admission.resize(limit)
+        self._size_caches(self._ring is not None)
+
+    def _size_caches(self, in_ring: bool | None = None) -> None:
+        """Bound the engines' cache tables by the admission limit. A ring stage also holds the
+        requests the draft node admits: with the default (memory-sized) limit, which is at
+        most MAX_AUTO_LIVE on any node, it keeps room for that many; an explicit limit is
+        taken as this node's (give every node of a ring the same one)."""
+        if in_ring is None:  # not loaded here yet: may serve as another node's stage
+            in_ring = self.cluster is not None
+        capacity = self.admission.max_live
+        if in_ring and self._auto_limit:
+            capacity = max(capacity, MAX_AUTO_LIVE)
+        self.engine.set_cache_policy(capacity, self._is_live)
+
+    def _is_live(self, request_id: str) -> bool:
+        """A request whose KV cache must stay: admitted here, or a ring stage's request."""
+        if self.admission.holds(request_id):
+            return True
+        return self.cluster is not None and request_id in self.cluster.member.states
+
+    def live_requests(self) -> list[str]:
+        """Requests generating on (or through) this node now, and those whose KV its ring stage holds."""
+        staged = self.cluster.member.states if self.cluster is not None else ()
+        return sorted(set(self.admission.live) | set(staged))
+
+    @asynccontextmanager
+    async def admit(self, request_id: str) -> AsyncIterator[None]:
+        """Hold an admission slot for `request_id` (waiting in line; AdmissionRejected if the
+        queue is full or the wait too long). Re-entrant: inside, `generate` takes no second slot."""
+        if self.admission.holds(request_id):
+            yield
+            return
+        try:
+            await self.admission.acquire(request_id)
+        except AdmissionRejected as exc:
+            self.counters.reject(exc.reason)
+            raise
+        try:
+            yield
+        finally:
+            self.admission.release(request_id)
 
     @property
     def tokenizer(self):
@@ -139,32 +221,55 @@ class Node:
     # -- generation ----------------------------------------------------------------------
     async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
-                       here: bool = False, logprobs: list[TokenLogprob] | None = None) -> AsyncIterator[list[int]]:
+                       here: bool = False, logprobs: list[TokenLogprob] | None = None,
+                       slot: str | None = None) -> AsyncIterator[list[int]]:
         """Yield tokens block by block. `here`: schedule on this node whatever the ring says
         (a peer forwarded the request to us; sending it on could loop). `logprobs`: a list the
         caller owns, extended before each yield with the block's entries (when
-        `params.logprobs` asks), so entry i is always output token i's."""
+        `params.logprobs` asks), so entry i is always output token i's. `slot`: the request id
+        whose admission slot this generation runs under (a stream's choices, one after another,
+        share their response's slot)."""
         request_id = request_id or uuid.uuid4().hex
         shard = await self.shard_for(model_id)
         config = config or self.config
-        self._active += 1
-        try:
-            scheduler = self.id if here else self.scheduler_node()
-            if scheduler == self.id:
-                blocks = self._generate_here(shard, prompt, params, config, request_id)
-            else:
-                blocks = self._generate_on(scheduler, shard, prompt, params, config, request_id)
-            async with aclosing(blocks) as stream:
-                async for tokens, finished, entries in stream:
-                    if logprobs is not None and entries:
-                        logprobs.extend(entries)
-                    self._fire_tokens(request_id, tokens, finished)
-                    yield tokens
-        finally:
-            self.buffered_token_output.pop(request_id, None)
-            self._active -= 1
-            async with self._idle:
-                self._idle.notify_all()
+        async with self.admit(slot or request_id):
+            self._active += 1
+            self.counters.prompt_tokens += len(prompt)
+            outcome = status.STOPPED  # unless the stream ends or fails below
+            try:
+                scheduler = self.id if here else self.scheduler_node()
+                if scheduler == self.id:
+                    blocks = self._generate_here(shard, prompt, params, config, request_id)
+                else:
+                    blocks = self._generate_on(scheduler, shard, prompt, params, config, request_id)
+                async with aclosing(blocks) as stream:
+                    async for tokens, finished, entries in stream:
+                        if logprobs is not None and entries:
+                            logprobs.extend(entries)
+                        self._fire_tokens(request_id, tokens, finished)
+                        self.counters.generated_tokens += len(tokens)
+                        yield tokens
+                outcome = status.COMPLETED
+            except anyio.get_cancelled_exc_class():
+                outcome = status.CANCELLED
+                raise
+            except CacheTableFull:
+                outcome = status.FAILED
+                self.counters.rejected[CACHE_FULL] += 1
+                raise
+            except AdmissionRejected as exc:  # refused by the draft node this request went to
+                outcome = status.REJECTED
+                self.counters.rejected[exc.reason] += 1
+                raise
+            except Exception:
+                outcome = status.FAILED
+                raise
+            finally:
+                self.counters.finish(outcome)
+                self.buffered_token_output.pop(request_id, None)
+                self._active -= 1
+                async with self._idle:
+                    self._idle.notify_all()
 
     def scheduler_node(self) -> str:
         """Where the draft and the scheduler run: this node when alone, else the draft node."""
@@ -182,12 +287,21 @@ class Node:
                                     shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
                                     cluster.timeouts.send_s)
         stream = self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier)
-        async with aclosing(stream) as blocks:
-            reported = 0
-            async for tokens in blocks:
-                request = self.engine.requests[request_id]
-                entries, reported = request.logprobs[reported:], len(request.logprobs)
-                yield tokens, request.finish_reason is not None, entries
+        try:
+            async with aclosing(stream) as blocks:
+                reported = 0
+                async for tokens in blocks:
+                    request = self.engine.requests[request_id]
+                    entries, reported = request.logprobs[reported:], len(request.logprobs)
+                    yield tokens, request.finish_reason is not None, entries
+        finally:  # counted however the request ended
+            request = self.engine.requests.get(request_id)
+            if request is not None and config.enabled:
+                self.counters.speculation(drafter_name(config), request.metrics.drafted, request.metrics.accepted)
+            if verifier is not None:
+                times = verifier.times
+                self.counters.ring(times.passes, times.wall,
+                                   [times.compute.get(i, 0.0) for i in range(len(verifier.ring))])
         request = self.engine.requests[request_id]
         entry = {"request_id": request_id, "model": shard.model_id,
                  **msgspec.to_builtins(self.engine.request_metrics(request))}
@@ -207,6 +321,9 @@ class Node:
                 if chunk.error:
                     if chunk.error_kind == "config":
                         raise ConfigError(chunk.error)
+                    if chunk.error_kind in REFUSALS:
+                        raise AdmissionRejected(chunk.error_kind, f"draft node {scheduler}: {chunk.error}",
+                                                chunk.retry_after_s)
                     raise RingError(f"draft node {scheduler}: {chunk.error}")
                 if chunk.finish_reason is not None:
                     self.remote_outcomes[request_id] = RequestOutcome(chunk.finish_reason, chunk.metrics)
@@ -226,6 +343,10 @@ class Node:
                     yield wire.encode(wire.GenerateChunk(tokens, entries))
         except ConfigError as exc:
             yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind="config"))
+            return
+        except AdmissionRejected as exc:  # the API node answers its client 429 with it
+            yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind=exc.reason,
+                                                 retry_after_s=exc.retry_after_s))
             return
         except Exception as exc:  # reported to the API node, which answers its client with it
             log.warning("request %s from a peer failed: %s", request.request_id, exc)
@@ -311,7 +432,7 @@ class Node:
         requests whose KV this node's stage holds right now."""
         if self.cluster is None:
             return None
-        return {**self.cluster.member.reports.snapshot(), "live_requests": sorted(self.cluster.member.states),
+        return {**self.cluster.member.reports.snapshot(), "live_requests": self.live_requests(),
                 "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
                 + self.cluster.inbox.rejected}
 

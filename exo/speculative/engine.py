@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgspec
 
@@ -86,6 +86,11 @@ class SpeculativeInferenceEngine(InferenceEngine):
     def free_cache(self, request_id: str) -> None:
         self.target.free_cache(request_id)
         self.draft.free_cache(request_id)
+
+    def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        """Both engines hold one cache per live request, so both get the same bound."""
+        self.target.set_cache_policy(capacity, is_live)
+        self.draft.set_cache_policy(capacity, is_live)
 
     def close(self) -> None:
         self.target.close()

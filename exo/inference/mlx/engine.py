@@ -13,7 +13,6 @@ import logging
 import weakref
 import os
 import sys
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -24,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTable
 from exo.inference.engine import LAST_POSITIONS, InferenceEngine, check_context, context_of
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
@@ -50,17 +50,17 @@ class MLXInferenceEngine(InferenceEngine):
     name = "mlx"
 
     def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *,
-                 dtype: str | None = os.environ.get("EXO_DTYPE", DEFAULT_DTYPE), max_caches: int = 16):
+                 dtype: str | None = os.environ.get("EXO_DTYPE", DEFAULT_DTYPE),
+                 max_caches: int = DEFAULT_CAPACITY):
         """`model_dir_for(model_id)` returns a local model directory, fetching it if needed."""
         if model_dir_for is None:
             from exo.inference.sources import model_dir_for as default_resolver
             model_dir_for = default_resolver
         self.model_dir_for = model_dir_for
         self._dtype = getattr(mx, dtype) if dtype else None
-        self._max_caches = max_caches
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-mlx")
         self._load_lock = anyio.Lock()
-        self._caches: OrderedDict[str, list[KVCache]] = OrderedDict()
+        self._caches: CacheTable[list[KVCache]] = CacheTable(max_caches)
         self.model: ShardedModel | None = None
         self.shard: Shard | None = None
         self.tokenizer: Any = None
@@ -133,14 +133,10 @@ class MLXInferenceEngine(InferenceEngine):
         return np.array(out.astype(mx.float32), copy=False)
 
     def _cache(self, request_id: str) -> list[KVCache]:
-        if request_id in self._caches:
-            self._caches.move_to_end(request_id)
-        else:
-            self._caches[request_id] = self.model.make_cache()
-            while len(self._caches) > self._max_caches:
-                evicted, _ = self._caches.popitem(last=False)
-                log.warning("evicted KV cache of request %s (more than %d live requests)", evicted, self._max_caches)
-        return self._caches[request_id]
+        return self._caches.get_or_create(request_id, self.model.make_cache)
+
+    def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        self._caches.set_policy(capacity, is_live)
 
     def cache_offset(self, request_id: str) -> int:
         cache = self._caches.get(request_id)

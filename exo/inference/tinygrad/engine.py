@@ -1,8 +1,8 @@
 """tinygrad implementation of the engine interface, a drop-in twin of the MLX engine.
 
 Same contract as `exo.inference.mlx.engine.MLXInferenceEngine`: one worker thread owns the
-model and every KV cache (tinygrad is not thread-safe), an LRU of per-request caches,
-`trim_cache` exact or raising, `last_positions` limiting the logits a last shard returns.
+model and every KV cache (tinygrad is not thread-safe), a bounded table of per-request caches
+that never evicts a live request, `trim_cache` exact or raising, `last_positions` limiting the logits a last shard returns.
 The cache is preallocated per request and rolled back by moving its position pointer.
 
 tinygrad compiles each kernel shape once (seconds on a CPU); `ensure_shard` runs a warm-up
@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import anyio
 import numpy as np
 
+from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTable
 from exo.inference.engine import LAST_POSITIONS, InferenceEngine, check_context
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
@@ -66,7 +66,7 @@ class TinygradInferenceEngine(InferenceEngine):
     name = "tinygrad"
 
     def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *, device: str | None = None,
-                 dtype: str = os.environ.get("EXO_TINYGRAD_DTYPE", "float32"), max_caches: int = 16,
+                 dtype: str = os.environ.get("EXO_TINYGRAD_DTYPE", "float32"), max_caches: int = DEFAULT_CAPACITY,
                  max_context: int = DEFAULT_MAX_CONTEXT, use_jit: bool = True,
                  warmup: tuple[int, ...] = DEFAULT_WARMUP):
         """`model_dir_for(model_id)` returns a local model directory, fetching it if needed;
@@ -77,11 +77,10 @@ class TinygradInferenceEngine(InferenceEngine):
         self.model_dir_for = model_dir_for
         self._device, self._dtype, self._max_context = device, dtype, max_context
         self._use_jit, self._warmup = use_jit, tuple(warmup)
-        self._max_caches = max_caches
         self._executor = _shared_worker()
         self._closed = False
         self._load_lock = anyio.Lock()
-        self._caches: OrderedDict[str, RequestCache] = OrderedDict()
+        self._caches: CacheTable[RequestCache] = CacheTable(max_caches)
         self.model: ShardedTinyModel | None = None
         self.shard: Shard | None = None
         self.tokenizer: Any = None
@@ -162,14 +161,10 @@ class TinygradInferenceEngine(InferenceEngine):
         return out
 
     def _cache(self, request_id: str) -> RequestCache:
-        if request_id in self._caches:
-            self._caches.move_to_end(request_id)
-        else:
-            self._caches[request_id] = RequestCache(self.model.make_cache())
-            while len(self._caches) > self._max_caches:
-                evicted, _ = self._caches.popitem(last=False)
-                log.warning("evicted KV cache of request %s (more than %d live requests)", evicted, self._max_caches)
-        return self._caches[request_id]
+        return self._caches.get_or_create(request_id, lambda: RequestCache(self.model.make_cache()))
+
+    def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:
+        self._caches.set_policy(capacity, is_live)
 
     def cache_offset(self, request_id: str) -> int:
         cache = self._caches.get(request_id)
