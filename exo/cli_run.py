@@ -51,7 +51,9 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {defaults.acceptance_threshold}; never changes the output)")
     group.add_argument("--max-speculation-depth", type=int, default=defaults.max_speculation_depth,
                        help=f"largest K adaptive speculation may choose (default {defaults.max_speculation_depth})")
-    group.add_argument("--fixed-k", action="store_true", help="disable adaptive K; always draft --draft-tokens")
+    group.add_argument("--fixed-k", action="store_true",
+                       help="disable adaptive K: draft exactly --draft-tokens every block (the confidence "
+                            "threshold is off; only the last block is shorter, capped at the tokens left)")
     group.add_argument("--pipelined", action="store_true",
                        help="draft block n+1 while block n is verified (overlaps with --placement processes)")
     group.add_argument("--placement", choices=PLACEMENTS, default="threads",
@@ -77,7 +79,9 @@ async def run_command(args: argparse.Namespace) -> int:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
-        engine = SpeculativeInferenceEngine(*engine_pair(args), config)
+        # Separate processes compute on separate CPUs: there the two prompt passes overlap.
+        engine = SpeculativeInferenceEngine(*engine_pair(args), config,
+                                            overlap_prefill=args.placement == "processes")
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
