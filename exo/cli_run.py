@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from exo.inference.generate import GenerationParams
 from exo.inference.placement import ENGINES, PLACEMENTS, make_engine_pair
@@ -74,6 +77,21 @@ def engine_pair(args: argparse.Namespace):
     return make_engine_pair(args.placement, args.inference_engine, args.draft_inference_engine)
 
 
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout, by Python, C libraries or child processes, to
+    stderr while models load: stdout carries only the generation or the JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 async def run_command(args: argparse.Namespace) -> int:
     try:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
@@ -94,8 +112,9 @@ async def run_command(args: argparse.Namespace) -> int:
 async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine, params: GenerationParams,
                     config: SpeculativeConfig) -> int:
     try:
-        shard = await engine.full_shard(args.model)
-        await engine.ensure_shard(shard)
+        with stdout_to_stderr():
+            shard = await engine.full_shard(args.model)
+            await engine.ensure_shard(shard)
     except (UnknownModelError, ModelSourceError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
