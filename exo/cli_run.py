@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from exo.inference.generate import GenerationParams
 from exo.inference.placement import ENGINES, PLACEMENTS, make_engine_pair
@@ -51,7 +54,9 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {defaults.acceptance_threshold}; never changes the output)")
     group.add_argument("--max-speculation-depth", type=int, default=defaults.max_speculation_depth,
                        help=f"largest K adaptive speculation may choose (default {defaults.max_speculation_depth})")
-    group.add_argument("--fixed-k", action="store_true", help="disable adaptive K; always draft --draft-tokens")
+    group.add_argument("--fixed-k", action="store_true",
+                       help="disable adaptive K: draft exactly --draft-tokens every block (the confidence "
+                            "threshold is off; only the last block is shorter, capped at the tokens left)")
     group.add_argument("--pipelined", action="store_true",
                        help="draft block n+1 while block n is verified (overlaps with --placement processes)")
     group.add_argument("--placement", choices=PLACEMENTS, default="threads",
@@ -72,12 +77,29 @@ def engine_pair(args: argparse.Namespace):
     return make_engine_pair(args.placement, args.inference_engine, args.draft_inference_engine)
 
 
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout, by Python, C libraries or child processes, to
+    stderr while models load: stdout carries only the generation or the JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 async def run_command(args: argparse.Namespace) -> int:
     try:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
-        engine = SpeculativeInferenceEngine(*engine_pair(args), config)
+        # Separate processes compute on separate CPUs: there the two prompt passes overlap.
+        engine = SpeculativeInferenceEngine(*engine_pair(args), config,
+                                            overlap_prefill=args.placement == "processes")
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"exo run: {exc}", file=sys.stderr)
         return 2
@@ -90,8 +112,9 @@ async def run_command(args: argparse.Namespace) -> int:
 async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine, params: GenerationParams,
                     config: SpeculativeConfig) -> int:
     try:
-        shard = await engine.full_shard(args.model)
-        await engine.ensure_shard(shard)
+        with stdout_to_stderr():
+            shard = await engine.full_shard(args.model)
+            await engine.ensure_shard(shard)
     except (UnknownModelError, ModelSourceError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"exo run: {exc}", file=sys.stderr)
         return 2

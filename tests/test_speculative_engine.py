@@ -169,3 +169,58 @@ async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny
     assert tv < 0.08, tv
     assert engine.get_metrics()["drafted_tokens"] > 0
     assert engine.get_metrics()["acceptance_rate"] < 0.9  # the random draft really was rejected often
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_last_block_is_capped_and_metrics_count_what_was_emitted(tiny_llama, pipelined):
+    """max_tokens 7, a same-model draft, K = 4: the second block drafts only what fits."""
+    engine, shard = await speculative(tiny_llama, tiny_llama, draft_tokens=4, adaptive_speculation=False,
+                                      pipelined=pipelined)
+    params = GenerationParams(max_tokens=7, temperature=0.0)
+    got = await collect(engine.generate(shard, [1, 2, 3], params, eos_ids=frozenset()))
+    assert got == await plain_tokens(tiny_llama, [1, 2, 3], params)
+    m = engine.get_metrics()["last_request"]
+    assert m["emitted_tokens"] == len(got) == 7
+    # Sequential: 4 drafts + bonus, then 1 left: a plain step (K = 0). Pipelined: the bonus is
+    # deferred, so 4 drafts, then the 2 that are left. Either way 6 tokens in 2 verifications.
+    assert m["k_histogram"] == ({2: 1, 4: 1} if pipelined else {0: 1, 4: 1})
+    assert m["steps"] == 2 and m["mean_accepted_length"] == 3.0
+    assert m["drafted_tokens"] == m["accepted_tokens"] == (6 if pipelined else 4)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_metrics_stop_at_an_eos_inside_a_block(tiny_llama, pipelined):
+    params = GenerationParams(max_tokens=40, temperature=0.0)
+    plain = await plain_tokens(tiny_llama, [1, 2, 3], params)
+    width = 4 if pipelined else 5  # tokens a fully accepted K = 4 block emits
+    # An EOS whose first occurrence falls strictly inside a block (not on its last token).
+    inside = [j for j in range(2, len(plain)) if plain.index(plain[j]) == j and j % width]
+    cut = next((j for j in inside if j > width), inside[0])  # past the first block if we can
+    eos = plain[cut]
+    engine, shard = await speculative(tiny_llama, tiny_llama, draft_tokens=4, adaptive_speculation=False,
+                                      pipelined=pipelined)
+    got = await collect(engine.generate(shard, [1, 2, 3], params, eos_ids=frozenset({eos})))
+    assert got == plain[: cut + 1]
+    m = engine.get_metrics()["last_request"]
+    blocks = -(-cut // width)
+    assert m["emitted_tokens"] == cut + 1 and m["steps"] == blocks
+    assert m["mean_accepted_length"] == cut / blocks
+    in_last = cut - width * (blocks - 1)  # tokens the last block emitted, EOS included
+    full_accepts = 4 * (blocks - 1)
+    assert m["accepted_tokens"] == m["drafted_tokens"] == full_accepts + min(4, in_last)
+    assert m["per_position_acceptance"] == [1.0] * (4 if blocks > 1 else min(4, in_last))
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_fixed_k_drafts_k_every_block_whatever_the_threshold(tiny_llama, tiny_llama_other, pipelined):
+    # A random draft is rarely 99 % sure: adaptive drafting would cut most blocks short.
+    engine, shard = await speculative(tiny_llama, tiny_llama_other, draft_tokens=3, adaptive_speculation=False,
+                                      acceptance_threshold=0.99, pipelined=pipelined)
+    params = GenerationParams(max_tokens=20, temperature=0.0)
+    got = await collect(engine.generate(shard, [4, 5, 6], params, eos_ids=frozenset()))
+    assert got == await plain_tokens(tiny_llama, [4, 5, 6], params)
+    histogram = engine.get_metrics()["last_request"]["k_histogram"]
+    short = {k: n for k, n in histogram.items() if k != 3}
+    assert histogram.get(3, 0) >= 5, histogram
+    # Shorter only where the budget caps a block: each of the last few sizes at most once.
+    assert set(short) <= ({1, 2} if pipelined else {0, 1, 2}) and set(short.values()) <= {1}, histogram

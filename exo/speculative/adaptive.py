@@ -4,9 +4,17 @@ Expected tokens per block with conditional per-position acceptance a_1..a_K is
 tau(K) = 1 + sum_i prod_{j<=i} a_j; its cost is K draft steps plus one (K+1)-token target
 pass. We pick the K with the best tau / cost, and K = 0 (plain decoding) when nothing beats
 it, with a short probe every so often so the estimates can recover when the text changes.
+
+Costs are per component and measured the same way every block: one draft *step* (a
+forward of the draft over the few tokens it has not seen, never the prompt: that is the
+prefill's) and one target pass by input length. Each is a windowed median, so one outlier
+(a first call compiling kernels, a page fault, another process) cannot move the choice.
 """
 
 from __future__ import annotations
+
+import statistics
+from collections import deque
 
 # Before measurements exist: acceptance guess, and verify cost growth per extra token
 # relative to a one-token target step (measured ~0.1 on CPU, less on GPUs).
@@ -14,13 +22,27 @@ PRIOR_ACCEPTANCE = 0.7
 PRIOR_VERIFY_SLOPE = 0.1
 
 
-class Ema:
-    def __init__(self, weight: float, value: float | None = None):
-        self.weight, self.value = weight, value
+class WindowedMedian:
+    """The median of the last `window` samples: follows a real change within half a window,
+    ignores any single outlier (an EMA would carry it for many blocks)."""
+
+    def __init__(self, window: int = 9, value: float | None = None):
+        self.samples: deque[float] = deque(maxlen=window)
+        if value is not None:
+            self.samples.append(value)
 
     def update(self, sample: float) -> float:
-        self.value = sample if self.value is None else self.value + self.weight * (sample - self.value)
+        self.samples.append(sample)
         return self.value
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    def copy(self) -> "WindowedMedian":
+        twin = WindowedMedian(self.samples.maxlen or 1)
+        twin.samples.extend(self.samples)
+        return twin
 
 
 class DecayedRate:
@@ -47,17 +69,20 @@ class DecayedRate:
 
 class AdaptiveK:
     def __init__(self, max_depth: int, initial_k: int, adaptive: bool = True, probe_every: int = 20,
-                 smoothing: float = 0.15, warmup_steps: int = 3):
+                 window: int = 9, warmup_steps: int = 3):
         self.max_depth, self.initial_k, self.adaptive = max_depth, initial_k, adaptive
         self.probe_every, self.warmup_steps = probe_every, warmup_steps
         self.acceptance = [DecayedRate() for _ in range(max_depth)]
-        self.smoothing = smoothing
-        self.draft_step = Ema(smoothing)  # seconds per drafted token
-        self.verify = {}  # input length -> Ema of target seconds
+        self.window = window
+        self.draft_step = WindowedMedian(window)  # seconds per draft forward step
+        self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
         self.steps = 0
         self.since_speculation = 0
 
-    def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe(self, k: int, accepted: int, draft_s: float, verify_s: float,
+                draft_steps: int | None = None) -> None:
+        """Learn from one verified block: `draft_s` covers `draft_steps` draft forwards
+        (default `k`; one more when the confidence cut drafted a token it then dropped)."""
         self.steps += 1
         for i in range(min(k, accepted + 1)):
             if not self.acceptance[i].observed:
@@ -65,12 +90,14 @@ class AdaptiveK:
                 # so exploring deeper never makes the estimate look worse than it was.
                 self.acceptance[i].reset(self.acceptance_at(i))
             self.acceptance[i].update(i < accepted)
+        steps = k if draft_steps is None else draft_steps
         if k:
-            self.draft_step.update(draft_s / k)
             self.since_speculation = 0
         else:
             self.since_speculation += 1
-        self.verify.setdefault(k + 1, Ema(self.smoothing)).update(verify_s)
+        if steps:
+            self.draft_step.update(draft_s / steps)
+        self.verify.setdefault(k + 1, WindowedMedian(self.window)).update(verify_s)
 
     def acceptance_at(self, i: int) -> float:
         """Position i's estimate; a never-tried position borrows the deepest tried one's."""
@@ -81,7 +108,7 @@ class AdaptiveK:
 
     def verify_cost(self, length: int) -> float | None:
         """Target seconds for `length` tokens: measured, else interpolated, else extrapolated."""
-        known = sorted((n, e.value) for n, e in self.verify.items() if e.value is not None)
+        known = sorted((n, m.value) for n, m in self.verify.items() if m.value is not None)
         if not known:
             return None
         for n, value in known:
@@ -124,10 +151,12 @@ class AdaptiveK:
 
     def inherit_costs(self, previous: "AdaptiveK") -> None:
         """Start from another request's measured costs (they belong to the hardware and the
-        models, not to the text), so a new request needs no warm-up blocks at a fixed K."""
+        models, not to the text), so a new request needs no warm-up blocks at a fixed K.
+        The caller hands over only a controller measured the same way (same scheduler, same
+        pair, same placement); prompt passes are in neither, so prompt length cannot leak in."""
         if previous.draft_step.value is not None and previous.verify:
-            self.draft_step = Ema(self.draft_step.weight, previous.draft_step.value)
-            self.verify = {n: Ema(e.weight, e.value) for n, e in previous.verify.items()}
+            self.draft_step = previous.draft_step.copy()
+            self.verify = {n: m.copy() for n, m in previous.verify.items()}
             self.warmup_steps = 0
 
     def choose(self) -> int:

@@ -37,8 +37,11 @@ RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
 
 class SpeculativeInferenceEngine(InferenceEngine):
     def __init__(self, target: InferenceEngine, draft: InferenceEngine, config: SpeculativeConfig,
-                 events: EventBus | None = None, node_id: str = ""):
+                 events: EventBus | None = None, node_id: str = "", overlap_prefill: bool = False):
+        """`overlap_prefill`: run the draft's prompt pass concurrently with the target's; say
+        so only when they compute on different devices (on one they just contend)."""
         self.target, self.draft, self.config = target, draft, config
+        self.overlap_prefill = overlap_prefill
         self.events = events or EventBus()
         self.node_id = node_id
         self.metrics = SpeculativeMetrics()
@@ -49,8 +52,9 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self._retry_at = 0.0
         self._backoff = RETRY_BACKOFF_S[0]
         self._plain_step_time: float | None = None
-        self._last_controller: AdaptiveK | None = None  # measured costs carry over to new requests
-        self._last_pipelined = False
+        # Measured costs carry over to new requests, only between requests measured the same
+        # way: same scheduler, target, draft and verifier (local or a ring).
+        self._costs: dict[tuple[bool, str, str, str], AdaptiveK] = {}
         self.draft_load_failures = 0
 
     # -- the engine interface: tensors go to the target ------------------------------
@@ -152,13 +156,17 @@ class SpeculativeInferenceEngine(InferenceEngine):
         draft_shard = (await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
                        if config.enabled else None)
         proposer = DraftProposer(self.draft, draft_shard) if draft_shard is not None else None
+        cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
+                    type(verifier).__name__ if verifier is not None else "local")
         request = SpeculativeRequest(
             request_id, list(prompt), params,
             self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
-            config.acceptance_threshold,
-            self._controller(config),
+            # A fixed K means K drafts every block: no confidence cut (only the budget caps it).
+            config.acceptance_threshold if config.adaptive_speculation else 0.0,
+            self._controller(config, cost_key),
             events=self.events, node_id=self.node_id,
             shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
+            overlap_prefill=self.overlap_prefill,
         )
         if config.enabled and proposer is None:
             request.draft_failed("draft model unavailable")
@@ -180,12 +188,12 @@ class SpeculativeInferenceEngine(InferenceEngine):
             if request.controller.plain_step_time():
                 self._plain_step_time = request.controller.plain_step_time()
             if request.controller.draft_step.value is not None:
-                self._last_controller, self._last_pipelined = request.controller, config.pipelined
+                self._costs[cost_key] = request.controller
 
-    def _controller(self, config: SpeculativeConfig) -> AdaptiveK:
+    def _controller(self, config: SpeculativeConfig, cost_key: tuple[bool, str, str, str]) -> AdaptiveK:
         controller = AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation)
-        if self._last_controller is not None and config.pipelined == self._last_pipelined:
-            controller.inherit_costs(self._last_controller)
+        if cost_key in self._costs:
+            controller.inherit_costs(self._costs[cost_key])
         return controller
 
     def get_metrics(self) -> dict:

@@ -9,11 +9,11 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     """What `get_metrics()` returns and metric events carry."""
 
     steps: int
-    drafted_tokens: int
-    accepted_tokens: int
-    emitted_tokens: int
+    drafted_tokens: int  # draft positions that reached the output's span (see record_step)
+    accepted_tokens: int  # accepted drafts that were emitted
+    emitted_tokens: int  # every token of the completion, the prefill's first one included
     acceptance_rate: float  # accepted / drafted
-    mean_accepted_length: float  # emitted tokens per verification (bonus included)
+    mean_accepted_length: float  # tokens emitted per verification (bonus included, prefill's not)
     per_position_acceptance: list[float]  # P(accept position i | positions < i accepted)
     draft_time: float  # seconds spent drafting
     verification_time: float  # seconds spent in target forwards
@@ -24,6 +24,8 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     fallback_steps: int  # steps decoded without a draft after a failure
     pipeline_busy: dict[str, float] = {}  # pipelined: seconds the draft / verify side computed
     pipeline_idle: dict[str, float] = {}  # pipelined: seconds the draft / verify side waited
+    prefill_time: float = 0.0  # seconds of the prompt pass(es) up to the first token
+    draft_prefill_time: float = 0.0  # seconds of the draft's prompt pass (never in draft_time)
 
 
 class SpeculativeMetrics:
@@ -34,11 +36,15 @@ class SpeculativeMetrics:
         self.position_accepts: list[int] = []
         self.k_histogram: dict[int, int] = {}
         self.draft_failures = self.fallback_steps = 0
-        self.prefill_time = 0.0
+        self.prefill_time = self.draft_prefill_time = 0.0
+        self.prefill_emitted = 0  # the first token, sampled from the prompt pass
         self.pipeline_busy: dict[str, float] = {}  # pipelined: seconds each side computed
         self.pipeline_idle: dict[str, float] = {}  # pipelined: seconds each side waited
 
     def record_step(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        """Count one verification by what it put in the output. When the end of the output
+        (EOS or the token budget) cuts a block after `emitted` tokens, the caller passes the
+        block as seen up to there: k and accepted at most `emitted`."""
         self.steps += 1
         self.drafted += k
         self.accepted += accepted
@@ -56,7 +62,8 @@ class SpeculativeMetrics:
 
     def merge(self, other: "SpeculativeMetrics") -> None:
         for name in ("steps", "drafted", "accepted", "emitted", "draft_time", "verification_time",
-                     "decode_time", "draft_failures", "fallback_steps"):
+                     "decode_time", "draft_failures", "fallback_steps", "prefill_time", "draft_prefill_time",
+                     "prefill_emitted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("pipeline_busy", "pipeline_idle"):
             mine = getattr(self, name)
@@ -76,7 +83,7 @@ class SpeculativeMetrics:
         speedup = rate * plain_step_time if plain_step_time else 0.0
         return MetricsSnapshot(
             steps=self.steps, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
-            emitted_tokens=self.emitted,
+            emitted_tokens=self.emitted + self.prefill_emitted,
             acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
             mean_accepted_length=self.emitted / self.steps if self.steps else 0.0,
             per_position_acceptance=[a / t if t else 0.0 for a, t in zip(self.position_accepts, self.position_tries)],
@@ -84,4 +91,5 @@ class SpeculativeMetrics:
             tokens_per_second=rate, estimated_speedup=speedup, k_histogram=dict(self.k_histogram),
             draft_failures=self.draft_failures, fallback_steps=self.fallback_steps,
             pipeline_busy=dict(self.pipeline_busy), pipeline_idle=dict(self.pipeline_idle),
+            prefill_time=self.prefill_time, draft_prefill_time=self.draft_prefill_time,
         )

@@ -22,6 +22,7 @@ class DraftBlock:
     base_length: int  # length of the sequence the block extends
     epoch: int = 0  # pipelined: which run of speculation since the last divergence
     draft_seconds: float = 0.0
+    steps: int = 0  # draft forwards run for this block (one more than k after a confidence cut)
 
     @property
     def k(self) -> int:
@@ -31,6 +32,13 @@ class DraftBlock:
 class DraftProposer:
     def __init__(self, engine: InferenceEngine, shard: Shard):
         self.engine, self.shard = engine, shard
+
+    async def prefill(self, request_id: str, prompt: list[int]) -> None:
+        """Run the draft over the prompt once, before any block: a block's draft time must be
+        its draft steps only, or adaptive K would price every token at the prompt's cost."""
+        if self.engine.cache_offset(request_id) != 0:
+            raise RuntimeError(f"draft cache of {request_id!r} is not empty before its prefill")
+        await self.engine.infer_tensor(request_id, self.shard, np.asarray([prompt]), last_only())
 
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
                       threshold: float, rng: np.random.Generator,
@@ -49,10 +57,12 @@ class DraftProposer:
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         step_input = pending
+        steps = 0
         for i in range(k):
             if i and interrupted():
                 break
             logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
+            steps += 1
             row = logits.reshape(-1, logits.shape[-1])[-1]
             if threshold > 0 and i >= max(trusted, 1) and _top_probability(row) < threshold:
                 # The cache now holds the last drafted token too; keep the invariant that the
@@ -65,7 +75,7 @@ class DraftProposer:
             rows.append(probs)
             step_input = [token]
         vocab = rows[0].shape[-1] if rows else 0
-        return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed))
+        return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed), steps=steps)
 
     def accept(self, request_id: str, committed_length: int) -> None:
         """Forget drafted tokens past the now-committed prefix."""

