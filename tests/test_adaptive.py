@@ -116,8 +116,11 @@ def clocked_engine(clock, per_call, per_token):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tiny_llama, monkeypatch, pipelined):
+async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tmp_path, monkeypatch, pipelined):
     """1,200 prompt tokens cost the draft 13 steps' worth: all of it is the prefill's."""
+    from tests.tiny_models import make_tiny_model
+
+    tiny_llama = make_tiny_model(tmp_path / "tiny-llama-2k", "llama", layers=4, seed=1, context=2048)
     from exo.inference.generate import GenerationParams
     from exo.speculative.config import SpeculativeConfig
     from exo.speculative.engine import SpeculativeInferenceEngine

@@ -31,13 +31,14 @@ def write_byte_tokenizer(path: Path) -> int:
 
 
 def make_tiny_model(path: Path, arch: str = "llama", layers: int = 4, seed: int = 0,
-                    hidden: int = 64, heads: int = 4, kv_heads: int = 2, tied: bool = True) -> Path:
+                    hidden: int = 64, heads: int = 4, kv_heads: int = 2, tied: bool = True,
+                    context: int = 512) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     eos = write_byte_tokenizer(path)
     config = {
         "model_type": arch, "hidden_size": hidden, "num_hidden_layers": layers,
         "intermediate_size": hidden * 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "rms_norm_eps": 1e-5, "vocab_size": 320, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5, "vocab_size": 320, "rope_theta": 10000.0, "max_position_embeddings": context,
         "tie_word_embeddings": tied, "eos_token_id": eos,
     }
     module = {"llama": llama, "qwen2": qwen2}[arch]
