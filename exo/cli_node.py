@@ -12,7 +12,9 @@ import uvicorn
 
 from exo.api.chatgpt_api import ChatGPTAPI
 from exo.cli_run import engine_pair, speculative_config
+from exo.networking.auth import secret_from
 from exo.networking.discovery import Discovery, DiscoveryConfigError, ManualDiscovery, UDPDiscovery
+from exo.networking.grpc_transport import LinkOptions
 from exo.networking.peer_info import PeerInfo, total_memory
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.node import Node
@@ -21,29 +23,30 @@ from exo.speculative.config import ConfigError
 log = logging.getLogger("exo")
 
 
-def discovery_for(args: argparse.Namespace, info: PeerInfo) -> Discovery | None:
+def discovery_for(args: argparse.Namespace, info: PeerInfo, secret: str = "") -> Discovery | None:
     if args.discovery_module == "none":
         return None
     if args.discovery_module == "manual":
         if not args.discovery_config_path:
             raise DiscoveryConfigError("--discovery-module manual needs --discovery-config-path")
         return ManualDiscovery(args.discovery_config_path, info.node_id)
-    return UDPDiscovery(info, args.listen_port, broadcast_address=args.broadcast_address)
+    return UDPDiscovery(info, args.listen_port, broadcast_address=args.broadcast_address, secret=secret)
 
 
 async def serve_command(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"node-{uuid.uuid4().hex[:8]}"
     memory = int(args.node_memory * 1e9) if args.node_memory is not None else total_memory()
     info = PeerInfo(node_id, args.node_host, args.node_port, memory)
+    link = LinkOptions(args.link_delay_ms / 1000, args.link_jitter_ms / 1000, secret_from(args.cluster_secret))
     try:
         config = speculative_config(args)
-        discovery = discovery_for(args, info)
+        discovery = discovery_for(args, info, link.secret)
     except (ConfigError, ValueError) as exc:
         print(f"exo: {exc}", file=sys.stderr)
         return 2
 
     def cluster(engine, events) -> Cluster:
-        return Cluster(info, engine, events, discovery, link_delay_s=args.link_delay_ms / 1000)
+        return Cluster(info, engine, events, discovery, link=link)
 
     node = Node(node_id, lambda: engine_pair(args), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,

@@ -277,7 +277,8 @@ class Node:
             return None
         return {**self.cluster.member.reports.snapshot(), "live_requests": sorted(self.cluster.member.states),
                 "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
-                + self.cluster.inbox.rejected}
+                + self.cluster.inbox.rejected,
+                "unauthenticated_calls": self.cluster.server.unauthenticated}
 
     def topology(self) -> dict:
         nodes = self.cluster.nodes() if self.cluster is not None else []
