@@ -278,6 +278,7 @@ class Node:
         return {**self.cluster.member.reports.snapshot(), "live_requests": sorted(self.cluster.member.states),
                 "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
                 + self.cluster.inbox.rejected,
+                "early_rollbacks": self.cluster.member.early_rollbacks,
                 "unauthenticated_calls": self.cluster.server.unauthenticated}
 
     def topology(self) -> dict:

@@ -116,6 +116,7 @@ class RingMember:
         self.reports = StageReports()
         self.codec = EventCodec()
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
+        self.early_rollbacks = 0  # rollbacks that arrived before an earlier block's (held, then applied)
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
         self._forward = wire.decoder(wire.Forward)
         self._release = wire.decoder(wire.Release)
@@ -287,6 +288,7 @@ class RingMember:
                                 f"is still missing and {len(state.early)} later ones wait: out of order")
             else:
                 state.early[event.block] = event  # applied once the blocks before it are
+                self.early_rollbacks += 1
                 return
         else:
             self._apply_in_order(state, event)
