@@ -211,3 +211,49 @@ def test_pipelined_requests_survive_a_jittery_network(tmp_path, tiny_llama, tiny
     assert metrics["cluster"]["rejected_messages"] == 0
     assert sum(r["drafted_tokens"] for r in metrics["recent"]) > 0
     print("rollbacks that overtook an earlier one at node0:", metrics["cluster"]["early_rollbacks"])
+
+
+def test_a_ring_with_a_cluster_secret_serves_and_refuses_strangers(tmp_path, tiny_llama, tiny_llama_other):
+    """The nodes get the secret from EXO_CLUSTER_SECRET; health checks, passes, rollbacks and
+    streams between them carry it, and a caller without it (or with a wrong one) is refused."""
+    import anyio
+
+    from exo.networking import wire
+    from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
+    from exo.networking.peer_info import PeerInfo
+
+    model, draft = str(tiny_llama), str(tiny_llama_other)
+    single = single_node_outputs(model, draft, 16)
+    with RingCluster(tmp_path, 2, model, draft, secret="a long shared secret") as cluster:
+        body = complete(cluster.api_url(1), PROMPTS[0], 16, MODES["pipelined"]).json()  # streamed from node 0
+        assert_same(body, {**single[PROMPTS[0]], "usage": {"completion_tokens": 16}})
+        assert body["usage"]["speculative"]["drafted_tokens"] > 0
+
+        async def knock(secret: str) -> list[str]:
+            handle = PeerHandle(PeerInfo("node1", "127.0.0.1", cluster.rpc_ports[1]), LinkOptions(secret=secret))
+            errors = []
+            try:
+                for method in ("Health", "Prepare", "Event"):
+                    try:
+                        await handle.call(method, wire.encode(wire.Ack()), 5)
+                    except PeerError as exc:
+                        errors.append(str(exc))
+                try:
+                    async for _ in handle.stream("Generate", b"", 5):
+                        pass
+                except PeerError as exc:
+                    errors.append(str(exc))
+                if secret == "a long shared secret":
+                    await handle.call("Health", b"", 5)
+            finally:
+                await handle.close()
+            return errors
+
+        for secret in ("", "a wrong secret"):
+            errors = anyio.run(knock, secret)
+            assert len(errors) == 4 and all("UNAUTHENTICATED" in e for e in errors), errors
+        assert not any("UNAUTHENTICATED" in e for e in anyio.run(knock, "a long shared secret"))
+        metrics = httpx.get(f"{cluster.api_url(1)}/v1/speculative/metrics", timeout=10).json()["cluster"]
+        assert metrics["unauthenticated_calls"] == 8
+        assert httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["cluster"][
+            "unauthenticated_calls"] == 0  # its peer's calls all carried the secret

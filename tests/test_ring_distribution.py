@@ -209,3 +209,9 @@ async def test_a_draft_sharing_the_judges_stream_fails_the_check(tmp_path, tiny_
     monkeypatch.setattr(sequential, "draft_rng", judge_rng)  # the old bug: draft and judge read one stream
     g, p, _ = await check_law(tmp_path, str(tiny_llama), str(tiny_llama_other), pipelined=False)
     assert p < ALPHA, f"G = {g:.1f}, p = {p:.2e}: the check did not see a biased sampler"
+
+
+def test_chi_square_tail_matches_known_quantiles():
+    for x, df, p in ((3.841459, 1, 0.05), (18.307038, 10, 0.05), (54.051911, 26, 0.001), (0.1, 4, 0.998791)):
+        assert math.isclose(chi2_sf(x, df), p, rel_tol=1e-5), (x, df)
+    assert math.isclose(chi2_sf(2 * math.log(1e30), 2), 1e-30, rel_tol=1e-6)  # df 2: exactly exp(-x/2)
