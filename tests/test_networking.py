@@ -199,3 +199,17 @@ async def test_requests_abandoned_by_their_origin_are_freed(tiny_llama):
         member._release_abandoned()
         assert sorted(member.states) == ["fresh"]
         assert member.engine.cache_offset("old") == 0 and member.engine.cache_offset("fresh") == 3
+
+
+async def test_a_node_listening_beyond_loopback_without_a_secret_warns(caplog):
+    for host, secret, warns in (("0.0.0.0", "", True), ("0.0.0.0", "s", False), ("127.0.0.1", "", False)):
+        caplog.clear()
+        info = PeerInfo("open", host, free_port(), 1)
+        cluster = Cluster(info, MLXInferenceEngine(), EventBus(), discovery=None, link=LinkOptions(secret=secret))
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(cluster.run)
+                group.cancel_scope.cancel()
+        finally:
+            cluster.member.engine.close()
+        assert ("without a cluster secret" in caplog.text) is warns, (host, secret, caplog.text)
