@@ -37,8 +37,8 @@ async def serve_command(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"node-{uuid.uuid4().hex[:8]}"
     memory = int(args.node_memory * 1e9) if args.node_memory is not None else total_memory()
     info = PeerInfo(node_id, args.node_host, args.node_port, memory)
-    link = LinkOptions(args.link_delay_ms / 1000, args.link_jitter_ms / 1000, secret_from(args.cluster_secret))
     try:
+        link = LinkOptions(args.link_delay_ms / 1000, args.link_jitter_ms / 1000, secret_from(args.cluster_secret))
         config = speculative_config(args)
         discovery = discovery_for(args, info, link.secret)
     except (ConfigError, ValueError) as exc:

@@ -213,3 +213,9 @@ async def test_a_node_listening_beyond_loopback_without_a_secret_warns(caplog):
         finally:
             cluster.member.engine.close()
         assert ("without a cluster secret" in caplog.text) is warns, (host, secret, caplog.text)
+
+
+def test_link_options_refuse_negative_delays():
+    for delay, jitter in ((-0.001, 0.0), (0.0, -0.005)):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            LinkOptions(delay, jitter)

@@ -53,6 +53,10 @@ class LinkOptions(msgspec.Struct, frozen=True):
     jitter_s: float = 0.0  # plus uniform(0, jitter_s) per message
     secret: str = ""  # the cluster secret every call carries
 
+    def __post_init__(self) -> None:
+        if self.delay_s < 0 or self.jitter_s < 0:
+            raise ValueError(f"link delay and jitter must be >= 0, got {self.delay_s} s and {self.jitter_s} s")
+
 
 class RPCServer:
     def __init__(self, host: str, port: int, handlers: dict[str, Handler],
