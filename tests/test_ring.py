@@ -36,6 +36,7 @@ def single_node_outputs(model: str, draft: str, max_tokens: int) -> dict[str, di
     with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
         outputs = {p: complete(url, p, max_tokens).json() for p in PROMPTS}
         outputs["sampled"] = complete(url, PROMPTS[0], max_tokens, **SAMPLED).json()
+        outputs["sampled_sequential"] = complete(url, PROMPTS[0], max_tokens, MODES["sequential"], **SAMPLED).json()
         return outputs
 
 
@@ -94,11 +95,13 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
             assert (body["usage"]["speculative"] is None) is (mode == "plain")
         # Sampling happens on the last stage with the request's seed: plain ring decoding draws
         # exactly what one node draws; speculative sampling (draft probabilities sent along) is
-        # reproducible with its seed.
+        # reproducible with its seed, and draws what one node draws with that seed (the draft's
+        # stream and the judge's are the same wherever the judge runs).
         assert_same(complete(cluster.url, PROMPTS[0], 40, **SAMPLED).json(), single["sampled"])
         sampled = [complete(cluster.url, PROMPTS[0], 40, MODES["sequential"], **SAMPLED).json() for _ in range(2)]
         assert sampled[0]["choices"][0]["text"] == sampled[1]["choices"][0]["text"]
         assert sampled[0]["usage"]["speculative"]["drafted_tokens"] > 0
+        assert_same(sampled[0], single["sampled_sequential"])
         topology = httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()
     assert [s["node_id"] for s in topology["ring"]] == ["node0", "node1", "node2"]
     assert [(s["start_layer"], s["end_layer"]) for s in topology["ring"]] == [(0, 1), (2, 2), (3, 3)]
