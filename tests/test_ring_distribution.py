@@ -202,12 +202,15 @@ async def test_seeded_ring_sampling_has_the_target_law(tmp_path, tiny_llama, tin
         assert {s: outputs[s] for s in seeds} == alone
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
 async def test_a_draft_sharing_the_judges_stream_fails_the_check(tmp_path, tiny_llama, tiny_llama_other,
-                                                                 monkeypatch):
-    import exo.speculative.pipeline.sequential as sequential
+                                                                 monkeypatch, pipelined):
+    import exo.speculative.pipeline.pipelined as pipelined_module
+    import exo.speculative.pipeline.sequential as sequential_module
 
-    monkeypatch.setattr(sequential, "draft_rng", judge_rng)  # the old bug: draft and judge read one stream
-    g, p, _ = await check_law(tmp_path, str(tiny_llama), str(tiny_llama_other), pipelined=False)
+    module = pipelined_module if pipelined else sequential_module
+    monkeypatch.setattr(module, "draft_rng", judge_rng)  # the old bug: draft and judge read one stream
+    g, p, _ = await check_law(tmp_path, str(tiny_llama), str(tiny_llama_other), pipelined)
     assert p < ALPHA, f"G = {g:.1f}, p = {p:.2e}: the check did not see a biased sampler"
 
 
