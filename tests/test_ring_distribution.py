@@ -4,8 +4,8 @@ The ring: node 0 (layer 0, the draft and the scheduler) runs in this process wit
 server; node 1 (the last layers, which judges every block with the request's seeded RNG) is a
 real `exo` subprocess. The draft is a different tiny model, so blocks are often rejected and
 the residual distribution matters. Every request is T = 1, top-k 3, K = 2 fixed, seeded with
-its index; its first three tokens are compared with their exact law under the target (at
-most 27 outcomes, computed from the target's own logits on one in-process engine) by a
+its index; its first four tokens are compared with their exact law under the target (at
+most 81 outcomes, computed from the target's own logits on one in-process engine) by a
 G-test. The seeds are fixed, so the statistic is reproducible (the pipelined drafter's
 consumption of its stream after a rejection depends on timing, so there it may vary a little
 between runs; its law does not).
@@ -36,7 +36,7 @@ from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
 
 N_REQUESTS = 500
-LENGTH = 3  # tokens per request whose joint law is tested
+LENGTH = 4  # tokens per request whose joint law is tested (the 4th may be a deferred bonus)
 PROMPT = "The capital of France is"
 PARAMS = dict(max_tokens=LENGTH, temperature=1.0, top_k=3)
 CONCURRENT = 8
@@ -118,7 +118,8 @@ def chi2_sf(x: float, df: int) -> float:
 
 
 async def ring_samples(workdir, model: str, draft: str, pipelined: bool, seeds: range) -> tuple[dict, dict]:
-    """{seed: first tokens} through the ring, and node 0's cluster metrics afterwards."""
+    """{seed: first tokens} through the ring, and node 0's cluster metrics (+ its recent
+    requests) afterwards."""
     ring = RingCluster(workdir, 2, model, draft)  # only node 1 runs as a subprocess
     info = PeerInfo("node0", "127.0.0.1", ring.rpc_ports[0], int(ring.memory_gb[0] * 1e9))
     node = Node("node0", lambda: (MLXInferenceEngine(), MLXInferenceEngine()), config(draft, pipelined), model,
@@ -152,7 +153,7 @@ async def ring_samples(workdir, model: str, draft: str, pipelined: bool, seeds: 
                 async with anyio.create_task_group() as requests:
                     for seed in seeds:
                         requests.start_soon(one, seed)
-            metrics = node.cluster_metrics()
+            metrics = {**node.cluster_metrics(), "recent": list(node.recent)}
             group.cancel_scope.cancel()
     finally:
         node.close()
@@ -179,6 +180,8 @@ async def check_law(tmp_path, model: str, draft: str, pipelined: bool) -> tuple[
     outputs, metrics = await ring_samples(tmp_path, model, draft, pipelined, range(N_REQUESTS))
     assert sorted(outputs) == list(range(N_REQUESTS))
     assert metrics["rejected_messages"] == 0
+    recent = metrics["recent"]  # the scheduler asked for ran, and drafted
+    assert recent and all(bool(r["pipeline_busy"]) is pipelined and r["drafted_tokens"] > 0 for r in recent)
     node = Node("law", lambda: (MLXInferenceEngine(), MLXInferenceEngine()), SpeculativeConfig(), model)
     try:
         await node.shard_for(model)
