@@ -17,7 +17,9 @@ from exo.cli_run import engine_pair, speculative_config
 from exo.inference.sources import ModelSourceError
 from exo.inference.sources.local import check_model_dir
 from exo.models import ModelRegistry
+from exo.networking.auth import secret_from
 from exo.networking.discovery import Discovery, DiscoveryConfigError, ManualDiscovery, UDPDiscovery
+from exo.networking.grpc_transport import LinkOptions
 from exo.networking.peer_info import PeerInfo, total_memory
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.node import Node
@@ -26,14 +28,14 @@ from exo.speculative.config import ConfigError
 log = logging.getLogger("exo")
 
 
-def discovery_for(args: argparse.Namespace, info: PeerInfo) -> Discovery | None:
+def discovery_for(args: argparse.Namespace, info: PeerInfo, secret: str = "") -> Discovery | None:
     if args.discovery_module == "none":
         return None
     if args.discovery_module == "manual":
         if not args.discovery_config_path:
             raise DiscoveryConfigError("--discovery-module manual needs --discovery-config-path")
         return ManualDiscovery(args.discovery_config_path, info.node_id)
-    return UDPDiscovery(info, args.listen_port, broadcast_address=args.broadcast_address)
+    return UDPDiscovery(info, args.listen_port, broadcast_address=args.broadcast_address, secret=secret)
 
 
 def registered_models(specs: list[str]) -> ModelRegistry:
@@ -62,8 +64,9 @@ async def serve_command(args: argparse.Namespace) -> int:
     memory = int(args.node_memory * 1e9) if args.node_memory is not None else total_memory()
     info = PeerInfo(node_id, args.node_host, args.node_port, memory)
     try:
+        link = LinkOptions(args.link_delay_ms / 1000, args.link_jitter_ms / 1000, secret_from(args.cluster_secret))
         config = speculative_config(args)
-        discovery = discovery_for(args, info)
+        discovery = discovery_for(args, info, link.secret)
         models = registered_models(args.model_dir)
         if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
             raise ValueError("--max-concurrent-requests must be at least 1")
@@ -74,7 +77,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         return 2
 
     def cluster(engine, events) -> Cluster:
-        return Cluster(info, engine, events, discovery, link_delay_s=args.link_delay_ms / 1000)
+        return Cluster(info, engine, events, discovery, link=link)
 
     node = Node(node_id, lambda: engine_pair(args), config, args.default_model,
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,

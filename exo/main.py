@@ -77,6 +77,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds a block may take round the ring before the request fails (default 60)")
     group.add_argument("--link-delay-ms", type=float, default=0.0,
                        help="add this one-way delay to every message to a peer (simulated network latency)")
+    group.add_argument("--link-jitter-ms", type=float, default=0.0,
+                       help="add a further uniform random 0..J ms to each message's delay (messages may then "
+                            "arrive out of order, as on a real network)")
+    group.add_argument("--cluster-secret", default=None,
+                       help="shared secret every RPC call and UDP announcement of the cluster must carry "
+                            "(default: $EXO_CLUSTER_SECRET; none: any host that reaches the RPC port can join)")
 
 
 def main(argv: list[str] | None = None) -> int:

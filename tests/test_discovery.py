@@ -231,3 +231,21 @@ def test_udp_rejects_bad_arguments():
         UDPDiscovery(info, listen_port=0)
     with pytest.raises(ValueError, match="positive"):
         UDPDiscovery(info, listen_port=5000, interval_s=0)
+
+
+async def test_udp_with_a_cluster_secret_drops_unsigned_and_wrongly_signed_announcements():
+    port = free_udp_port()
+    a = UDPDiscovery(PeerInfo("a", "127.0.0.1", 7001), listen_port=port, broadcast_address=LOOPBACK_BROADCAST,
+                     bind_address=LOOPBACK_BROADCAST, interval_s=0.1, secret="s3cret")
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        send_raw(port, encode_announcement(PeerInfo("stranger", "127.0.0.1", 1)))
+        send_raw(port, encode_announcement(PeerInfo("guesser", "127.0.0.1", 2), secret="wrong"))
+        forged = msgspec.msgpack.decode(encode_announcement(PeerInfo("forger", "127.0.0.1", 3), secret="s3cret"))
+        forged["peer"]["port"] = 4  # a member's signed announcement, altered in flight
+        send_raw(port, msgspec.msgpack.encode(forged))
+        await wait_until(lambda: a.malformed == 3, 5, "three unauthenticated announcements counted")
+        send_raw(port, encode_announcement(PeerInfo("member", "127.0.0.1", 5), secret="s3cret"))
+        await wait_until(lambda: "member" in a.peers(), 5, "a signed announcement is accepted")
+        assert set(a.peers()) == {"member"} and a.malformed == 3
+        tg.cancel_scope.cancel()

@@ -8,11 +8,12 @@ import pytest
 
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.networking import wire
-from exo.networking.grpc_transport import PeerError, PeerHandle
+from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
 from exo.networking.peer_info import PeerInfo
 from exo.inference.shard import Shard
 from exo.orchestration.cluster import Cluster
-from exo.orchestration.ring_stage import StageState
+from exo.orchestration.ring_stage import MAX_EARLY_ROLLBACKS, RingError, RingTimeouts, StageState
+from exo.topology.partitioning import Stage
 from exo.speculative.events import EventBus, EventCodec, KVRollback
 from exo.devtools.local_ring import free_port
 
@@ -42,14 +43,14 @@ def msgspec_round_trip(message):
 
 
 @asynccontextmanager
-async def serving_node():
+async def serving_node(secret: str = ""):
     """A node's RPC server (no peers) and a handle to it, as a peer would hold it."""
     info = PeerInfo("solo", "127.0.0.1", free_port(), 1)
-    cluster = Cluster(info, MLXInferenceEngine(), EventBus(), discovery=None)
+    cluster = Cluster(info, MLXInferenceEngine(), EventBus(), discovery=None, link=LinkOptions(secret=secret))
     try:
         async with anyio.create_task_group() as group:
             await group.start(cluster.run)
-            handle = PeerHandle(info)
+            handle = PeerHandle(info, LinkOptions(secret=secret))
             try:
                 yield cluster, handle
             finally:
@@ -63,6 +64,21 @@ async def test_health_reply_carries_the_node_info():
     async with serving_node() as (cluster, handle):
         reply = wire.decoder(wire.Health).decode(await handle.call("Health", b"", 5))
         assert reply.info == cluster.info
+
+
+async def test_a_node_with_a_cluster_secret_refuses_every_call_without_it():
+    async with serving_node(secret="correct horse") as (cluster, member_handle):
+        assert wire.decoder(wire.Health).decode(await member_handle.call("Health", b"", 5)).info == cluster.info
+        for secret in ("", "wrong horse", "correct horse "):
+            stranger = PeerHandle(cluster.info, LinkOptions(secret=secret))
+            try:
+                for method in ("Health", "Forward", "Event", "Release"):
+                    with pytest.raises(PeerError, match="UNAUTHENTICATED"):
+                        await stranger.call(method, wire.encode(wire.Ack()), 5)
+            finally:
+                await stranger.close()
+        assert cluster.server.unauthenticated == 12
+        assert cluster.server.rejected == 0  # refused before any payload was read
 
 
 async def test_corrupt_and_misrouted_messages_are_rejected_and_counted():
@@ -81,20 +97,52 @@ async def test_corrupt_and_misrouted_messages_are_rejected_and_counted():
         assert cluster.inbox.rejected == 2
 
 
-async def test_out_of_order_rollback_fails_the_request_instead_of_trimming(tiny_llama):
+async def test_rollbacks_apply_in_block_order_and_stale_ones_fail_the_request(tiny_llama):
+    """Block 2's rollback may overtake block 1's on the network: it is held, untrimmed, until
+    block 1's arrives, then both apply in order. A rollback for a block already applied
+    (duplicate or stale) fails the request instead of trimming."""
     async with serving_node() as (cluster, handle):
         member = cluster.member
+        shard = Shard(str(tiny_llama), 0, 3, 4)
+        await member.engine.infer_tensor("req", shard, np.asarray([[1, 2, 3, 4, 5, 6, 7]]))
+        member.states["req"] = StageState(shard, "solo", applied=0)
+        codec = EventCodec()
+        early = KVRollback(request_id="req", keep_tokens=3, block=2)  # block 1's is still on its way
+        await handle.call("Event", codec.encode(early), 5)
+        state = member.states["req"]
+        assert state.applied == 0 and not state.failed and member.rejected == 0
+        assert member.engine.cache_offset("req") == 7  # nothing trimmed before block 1's rollback
+        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=5, block=1)), 5)
+        assert state.applied == 2 and not state.failed and state.early == {}
+        assert member.engine.cache_offset("req") == 3  # 7 -> 5 (block 1) -> 3 (block 2)
+        assert member.reports.offsets("req") == {"solo": {1: 5, 2: 3}}
+        stale = KVRollback(request_id="req", keep_tokens=2, block=2)
+        await handle.call("Event", codec.encode(stale), 5)
+        assert member.rejected == 1 and "out of order" in state.failed
+        assert member.engine.cache_offset("req") == 3  # nothing was trimmed on a bad announcement
+        unknown = KVRollback(request_id="nobody", keep_tokens=2, block=1)
+        await handle.call("Event", codec.encode(unknown), 5)
+        assert member.rejected == 2
+
+
+async def test_a_rollback_gap_that_never_fills_fails_the_request(tiny_llama):
+    async with serving_node() as (cluster, handle):
+        member = cluster.member
+        member.timeouts = RingTimeouts(rollback_wait_s=0.3)
         shard = Shard(str(tiny_llama), 0, 3, 4)
         await member.engine.infer_tensor("req", shard, np.asarray([[1, 2, 3, 4, 5]]))
         member.states["req"] = StageState(shard, "solo", applied=0)
         codec = EventCodec()
-        skip = KVRollback(request_id="req", keep_tokens=2, block=2)  # block 1 never came
-        await handle.call("Event", codec.encode(skip), 5)
-        assert member.rejected == 1 and "out of order" in member.states["req"].failed
-        assert member.engine.cache_offset("req") == 5  # nothing was trimmed on a bad announcement
-        unknown = KVRollback(request_id="nobody", keep_tokens=2, block=1)
-        await handle.call("Event", codec.encode(unknown), 5)
-        assert member.rejected == 2
+        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=2)), 5)
+        header = wire.BlockHeader("req", "solo", str(tiny_llama), 4, [Stage("solo", 0, 3)], 3, 3, [1], 3,
+                                  wire.GenerationParams())
+        with anyio.fail_after(5), pytest.raises(RingError, match="no KVRollback for block 2"):
+            await member._state_for(wire.Forward(header, 0), last=True)
+        assert member.engine.cache_offset("req") == 5
+        # More early rollbacks than a stage holds: the request fails instead of buffering without end.
+        for block in range(3, 3 + MAX_EARLY_ROLLBACKS):
+            await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=block)), 5)
+        assert member.rejected == 1 and "still missing" in member.states["req"].failed
 
 
 async def test_unreachable_peer_is_a_clear_error_within_the_timeout():
@@ -151,3 +199,23 @@ async def test_requests_abandoned_by_their_origin_are_freed(tiny_llama):
         member._release_abandoned()
         assert sorted(member.states) == ["fresh"]
         assert member.engine.cache_offset("old") == 0 and member.engine.cache_offset("fresh") == 3
+
+
+async def test_a_node_listening_beyond_loopback_without_a_secret_warns(caplog):
+    for host, secret, warns in (("0.0.0.0", "", True), ("0.0.0.0", "s", False), ("127.0.0.1", "", False)):
+        caplog.clear()
+        info = PeerInfo("open", host, free_port(), 1)
+        cluster = Cluster(info, MLXInferenceEngine(), EventBus(), discovery=None, link=LinkOptions(secret=secret))
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(cluster.run)
+                group.cancel_scope.cancel()
+        finally:
+            cluster.member.engine.close()
+        assert ("without a cluster secret" in caplog.text) is warns, (host, secret, caplog.text)
+
+
+def test_link_options_refuse_negative_delays():
+    for delay, jitter in ((-0.001, 0.0), (0.0, -0.005)):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            LinkOptions(delay, jitter)

@@ -1,6 +1,7 @@
 """Rings of real node processes on loopback: exact output, exact KV on every stage, faults."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from exo.devtools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
 from tests.api_server import running_api
+from tests.tiny_models import make_slow_twin
 
 MODES = {
     "plain": None,
@@ -34,6 +36,7 @@ def single_node_outputs(model: str, draft: str, max_tokens: int) -> dict[str, di
     with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
         outputs = {p: complete(url, p, max_tokens).json() for p in PROMPTS}
         outputs["sampled"] = complete(url, PROMPTS[0], max_tokens, **SAMPLED).json()
+        outputs["sampled_sequential"] = complete(url, PROMPTS[0], max_tokens, MODES["sequential"], **SAMPLED).json()
         return outputs
 
 
@@ -92,11 +95,13 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
             assert (body["usage"]["speculative"] is None) is (mode == "plain")
         # Sampling happens on the last stage with the request's seed: plain ring decoding draws
         # exactly what one node draws; speculative sampling (draft probabilities sent along) is
-        # reproducible with its seed.
+        # reproducible with its seed, and draws what one node draws with that seed (the draft's
+        # stream and the judge's are the same wherever the judge runs).
         assert_same(complete(cluster.url, PROMPTS[0], 40, **SAMPLED).json(), single["sampled"])
         sampled = [complete(cluster.url, PROMPTS[0], 40, MODES["sequential"], **SAMPLED).json() for _ in range(2)]
         assert sampled[0]["choices"][0]["text"] == sampled[1]["choices"][0]["text"]
         assert sampled[0]["usage"]["speculative"]["drafted_tokens"] > 0
+        assert_same(sampled[0], single["sampled_sequential"])
         topology = httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()
     assert [s["node_id"] for s in topology["ring"]] == ["node0", "node1", "node2"]
     assert [(s["start_layer"], s["end_layer"]) for s in topology["ring"]] == [(0, 1), (2, 2), (3, 3)]
@@ -184,3 +189,76 @@ def test_a_killed_node_fails_the_request_and_the_healed_ring_serves(smollm2_ring
     body = complete(cluster.url, PROMPTS[0], 16, MODES["sequential"]).json()
     assert_same(body, {**single[PROMPTS[0]], "usage": {"completion_tokens": 16}})
     assert httpx.get(f"{cluster.url}/v1/topology", timeout=10).json()["ring"][1]["node_id"] == "node1"
+
+
+JITTERY = {"enabled": True, "pipelined": True, "draft_tokens": 3}  # adaptive K
+
+
+def test_pipelined_requests_survive_a_jittery_network(tmp_path, tiny_llama):
+    """0-5 ms of random delay per message (`--link-jitter-ms 5`) lets messages overtake each
+    other. The draft computes the target's own function at several times its cost (a slow
+    twin), so adaptive K settles on K = 0 with a probe block every 20 steps; the probe is fully
+    accepted and the K = 0 block after it only samples the last stage's held row, skipping
+    stage 0. Block n+1's rollback then leaves the last stage right after block n's and could
+    reach stage 0 first: the last stage sends them in order and stage 0 applies them in order
+    (that buffering is also tested deterministically in test_networking.py)."""
+    model, draft = str(tiny_llama), str(make_slow_twin(tiny_llama, tmp_path / "slow-twin", 16))
+    prompts = [f"{PROMPTS[i % 2]} {i}" for i in range(30)]
+    with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
+        single = [complete(url, prompt, 48).json() for prompt in prompts]
+    with RingCluster(tmp_path, 2, model, draft, extra=("--link-jitter-ms", "5")) as cluster:
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda p: complete(cluster.url, p, 48, JITTERY), prompts))
+        metrics = httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()
+    failed = [r.text for r in responses if r.status_code != 200]
+    assert failed == [], f"{len(failed)} of {len(prompts)} failed: {failed[:3]}"
+    for response, expected in zip(responses, single):
+        assert_same(response.json(), expected)
+    assert metrics["cluster"]["rejected_messages"] == 0
+    assert sum(r["drafted_tokens"] for r in metrics["recent"]) > 0
+
+
+def test_a_ring_with_a_cluster_secret_serves_and_refuses_strangers(tmp_path, tiny_llama, tiny_llama_other):
+    """The nodes get the secret from EXO_CLUSTER_SECRET; health checks, passes, rollbacks and
+    streams between them carry it, and a caller without it (or with a wrong one) is refused."""
+    import anyio
+
+    from exo.networking import wire
+    from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
+    from exo.networking.peer_info import PeerInfo
+
+    model, draft = str(tiny_llama), str(tiny_llama_other)
+    single = single_node_outputs(model, draft, 16)
+    with RingCluster(tmp_path, 2, model, draft, secret="a long shared secret") as cluster:
+        body = complete(cluster.api_url(1), PROMPTS[0], 16, MODES["pipelined"]).json()  # streamed from node 0
+        assert_same(body, {**single[PROMPTS[0]], "usage": {"completion_tokens": 16}})
+        assert body["usage"]["speculative"]["drafted_tokens"] > 0
+
+        async def knock(secret: str) -> list[str]:
+            handle = PeerHandle(PeerInfo("node1", "127.0.0.1", cluster.rpc_ports[1]), LinkOptions(secret=secret))
+            errors = []
+            try:
+                for method in ("Health", "Prepare", "Event"):
+                    try:
+                        await handle.call(method, wire.encode(wire.Ack()), 5)
+                    except PeerError as exc:
+                        errors.append(str(exc))
+                try:
+                    async for _ in handle.stream("Generate", b"", 5):
+                        pass
+                except PeerError as exc:
+                    errors.append(str(exc))
+                if secret == "a long shared secret":
+                    await handle.call("Health", b"", 5)
+            finally:
+                await handle.close()
+            return errors
+
+        for secret in ("", "a wrong secret"):
+            errors = anyio.run(knock, secret)
+            assert len(errors) == 4 and all("UNAUTHENTICATED" in e for e in errors), errors
+        assert not any("UNAUTHENTICATED" in e for e in anyio.run(knock, "a long shared secret"))
+        metrics = httpx.get(f"{cluster.api_url(1)}/v1/speculative/metrics", timeout=10).json()["cluster"]
+        assert metrics["unauthenticated_calls"] == 8
+        assert httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["cluster"][
+            "unauthenticated_calls"] == 0  # its peer's calls all carried the secret

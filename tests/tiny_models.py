@@ -49,3 +49,24 @@ def make_tiny_model(path: Path, arch: str = "llama", layers: int = 4, seed: int 
     mx.save_safetensors(str(path / "model.safetensors"), params)
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def make_slow_twin(source: Path, path: Path, extra_layers: int) -> Path:
+    """`source` plus `extra_layers` layers that add exactly zero to the residual stream (zero
+    output projections): the same function, so a draft whose every token is accepted, but one
+    that costs as much as a far larger model per step."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    weights = mx.load(str(source / "model.safetensors"))
+    layers = config["num_hidden_layers"]
+    template = {k.split(".", 3)[3]: v for k, v in weights.items() if k.startswith("model.layers.0.")}
+    for i in range(layers, layers + extra_layers):
+        for name, value in template.items():
+            zero = name.endswith(("o_proj.weight", "down_proj.weight"))
+            weights[f"model.layers.{i}.{name}"] = mx.zeros_like(value) if zero else value
+    config["num_hidden_layers"] = layers + extra_layers
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_text((source / name).read_text())
+    return path

@@ -28,10 +28,11 @@ class RingCluster:
 
     def __init__(self, workdir: Path, n: int, model: str, draft: str, *, ring_timeout_s: float = 30.0,
                  extra: tuple[str, ...] = (), cpus: list[list[int]] | None = None,
-                 memory_gb: list[float] | None = None):
+                 memory_gb: list[float] | None = None, secret: str = ""):
         """`cpus[i]`: pin node i to these CPUs (and give it that many BLAS threads);
-        `memory_gb[i]`: the memory node i announces (its share of the layers)."""
-        self.workdir, self.n, self.model, self.draft = workdir, n, model, draft
+        `memory_gb[i]`: the memory node i announces (its share of the layers); `secret`: the
+        cluster secret, passed in the environment (EXO_CLUSTER_SECRET)."""
+        self.workdir, self.n, self.model, self.draft, self.secret = workdir, n, model, draft, secret
         self.ring_timeout_s, self.extra, self.cpus = ring_timeout_s, extra, cpus
         self.memory_gb = memory_gb or [n + 1.0, *([float(n)] * (n - 1))]
         self.rpc_ports = [free_port() for _ in range(n)]
@@ -60,6 +61,9 @@ class RingCluster:
                 "--draft-model", self.draft, "--node-memory", str(self.memory_gb[i]),
                 "--ring-timeout", str(self.ring_timeout_s), *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("EXO_CLUSTER_SECRET", None)
+        if self.secret:
+            env["EXO_CLUSTER_SECRET"] = self.secret
         cpus = self.cpus[i] if self.cpus else None
         if cpus:
             env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(len(cpus))

@@ -4,19 +4,24 @@ Messages are msgpack bytes (see `wire.py`), so gRPC runs with raw-bytes methods 
 generated protobuf code. Every call has a deadline. After a failure the channel
 reconnects by itself (with backoff); it is never closed while it may carry other calls,
 because grpc cancels those with a bare CancelledError, which would look like a cancellation
-of their callers. `delay_s` adds a one-way delay before each message: simulated link latency
-for benchmarks on one machine.
+of their callers. `LinkOptions.delay_s` (+ a uniform random share of `jitter_s`) delays each
+message one way: simulated link latency for benchmarks and tests on one machine; with jitter,
+messages may overtake each other as on a real network. With a cluster secret, every call
+carries it and the server refuses (UNAUTHENTICATED, counted) any call that does not.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import grpc
 import grpc.aio
+import msgspec
 
+from exo.networking import auth
 from exo.networking.peer_info import PeerInfo
 
 log = logging.getLogger("exo.networking")
@@ -41,12 +46,26 @@ class BadMessage(ValueError):
     """A payload that does not decode or breaks the protocol; the caller gets INVALID_ARGUMENT."""
 
 
+class LinkOptions(msgspec.Struct, frozen=True):
+    """How this node talks to its peers."""
+
+    delay_s: float = 0.0  # simulated one-way latency added to every message
+    jitter_s: float = 0.0  # plus uniform(0, jitter_s) per message
+    secret: str = ""  # the cluster secret every call carries
+
+    def __post_init__(self) -> None:
+        if self.delay_s < 0 or self.jitter_s < 0:
+            raise ValueError(f"link delay and jitter must be >= 0, got {self.delay_s} s and {self.jitter_s} s")
+
+
 class RPCServer:
     def __init__(self, host: str, port: int, handlers: dict[str, Handler],
-                 streams: dict[str, StreamHandler] | None = None):
+                 streams: dict[str, StreamHandler] | None = None, secret: str = ""):
         self.host, self.port, self.handlers = host, port, handlers
         self.streams = streams if streams is not None else {}
+        self.secret = secret
         self.rejected = 0
+        self.unauthenticated = 0  # calls refused for a missing or wrong cluster secret
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -67,8 +86,19 @@ class RPCServer:
             await self._server.stop(grace_s)
             self._server = None
 
+    async def _refuse_strangers(self, name: str, context: grpc.aio.ServicerContext) -> None:
+        """Abort the call unless it carries this node's cluster secret."""
+        if auth.authorized(self.secret, context.invocation_metadata()):
+            return
+        self.unauthenticated += 1
+        level = logging.WARNING if self.unauthenticated == 1 or self.unauthenticated % 100 == 0 else logging.DEBUG
+        log.log(level, "refused %s call from %s without the cluster secret (%d so far)", name, context.peer(),
+                self.unauthenticated)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this node needs the cluster secret")
+
     def _wrap(self, name: str, handler: Handler):
         async def serve(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await self._refuse_strangers(name, context)
             try:
                 return await handler(request)
             except BadMessage as exc:
@@ -83,6 +113,7 @@ class RPCServer:
 
     def _wrap_stream(self, name: str, handler: StreamHandler):
         async def serve(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            await self._refuse_strangers(name, context)
             try:
                 async for message in handler(request):
                     yield message
@@ -96,9 +127,11 @@ class RPCServer:
 class PeerHandle:
     """A connection to one peer; reconnects after failures."""
 
-    def __init__(self, info: PeerInfo, delay_s: float = 0.0):
+    def __init__(self, info: PeerInfo, link: LinkOptions = LinkOptions()):
         self.info = info
-        self.delay_s = delay_s
+        self.link = link
+        self._metadata = auth.call_metadata(link.secret)
+        self._random = random.Random()
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -109,14 +142,18 @@ class PeerHandle:
     def address(self) -> str:
         return f"{self.info.host}:{self.info.port}"
 
+    async def _delay(self) -> None:
+        seconds = self.link.delay_s + (self._random.uniform(0, self.link.jitter_s) if self.link.jitter_s else 0.0)
+        if seconds:
+            await anyio.sleep(seconds)
+
     async def call(self, method: str, payload: bytes, timeout_s: float) -> bytes:
-        if self.delay_s:
-            await anyio.sleep(self.delay_s)
+        await self._delay()
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
         try:
-            return await stub(payload, timeout=timeout_s, wait_for_ready=False)
+            return await stub(payload, timeout=timeout_s, metadata=self._metadata, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
             raise PeerError(f"{method} to node {self.id} at {self.address} failed: "
                             f"{exc.code().name}: {exc.details()}") from None
@@ -124,11 +161,11 @@ class PeerHandle:
     async def stream(self, method: str, payload: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
         """Messages of a server stream; fails if the peer goes silent for `idle_timeout_s`.
         Closing the iterator early cancels the call (the peer stops its work)."""
-        if self.delay_s:
-            await anyio.sleep(self.delay_s)
+        await self._delay()
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        call = self._channel.unary_stream(f"/{SERVICE}/{method}")(payload, wait_for_ready=False)
+        call = self._channel.unary_stream(f"/{SERVICE}/{method}")(payload, metadata=self._metadata,
+                                                                   wait_for_ready=False)
         try:
             while True:
                 with anyio.move_on_after(idle_timeout_s) as scope:

@@ -16,7 +16,8 @@ import anyio
 from exo.inference.engine import InferenceEngine
 from exo.networking import wire
 from exo.networking.discovery import Discovery
-from exo.networking.grpc_transport import PeerError, PeerHandle, RPCServer, StreamHandler
+from exo.networking.auth import is_loopback
+from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle, RPCServer, StreamHandler
 from exo.networking.peer_info import PeerInfo
 from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts, decode_message
 from exo.orchestration.ring_verifier import ResultInbox
@@ -28,11 +29,11 @@ log = logging.getLogger("exo.cluster")
 
 class Cluster:
     def __init__(self, info: PeerInfo, engine: InferenceEngine, events: EventBus, discovery: Discovery | None,
-                 *, link_delay_s: float = 0.0, health_interval_s: float = 1.0, health_timeout_s: float = 2.0,
+                 *, link: LinkOptions = LinkOptions(), health_interval_s: float = 1.0, health_timeout_s: float = 2.0,
                  timeouts: RingTimeouts = RingTimeouts()):
         self.info = info
         self.discovery = discovery
-        self.link_delay_s = link_delay_s
+        self.link = link
         self.health_interval_s, self.health_timeout_s = health_interval_s, health_timeout_s
         self.timeouts = timeouts
         self.peers: dict[str, PeerHandle] = {}  # healthy peers only
@@ -47,7 +48,7 @@ class Cluster:
             "Release": self.member.on_release,
         }
         self.streams: dict[str, StreamHandler] = {}  # the node adds "Generate"
-        self.server = RPCServer(info.host, info.port, self.handlers, self.streams)
+        self.server = RPCServer(info.host, info.port, self.handlers, self.streams, secret=link.secret)
         self._prepared: tuple | None = None
         self._prepare_lock = anyio.Lock()
         self._handles: dict[str, PeerHandle] = {}  # every peer ever reached, healthy or not
@@ -60,6 +61,10 @@ class Cluster:
     # -- lifetime -------------------------------------------------------------------------------
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Serve RPCs, follow discovery and check peers' health until cancelled."""
+        if not self.link.secret and not is_loopback(self.info.host):
+            log.warning("node %s: RPC listens on %s without a cluster secret: anyone who can reach port %d can "
+                        "join the ring and run requests (set --cluster-secret or EXO_CLUSTER_SECRET)",
+                        self.id, self.info.host, self.info.port)
         await self.server.start()
         try:
             async with anyio.create_task_group() as group:
@@ -95,7 +100,7 @@ class Cluster:
     async def _check(self, peer_id: str, info: PeerInfo) -> None:
         handle = self._handles.get(peer_id)
         if handle is None or (handle.info.host, handle.info.port) != (info.host, info.port):
-            handle = self._handles[peer_id] = PeerHandle(info, self.link_delay_s)
+            handle = self._handles[peer_id] = PeerHandle(info, self.link)
         try:
             reply = wire.decoder(wire.Health).decode(
                 await handle.call("Health", b"", self.health_timeout_s))
@@ -117,7 +122,7 @@ class Cluster:
         prepare = decode_message(self._prepare_decoder, payload)
         for info in prepare.nodes:  # the origin's view: reach stages this node has not discovered yet
             if info.node_id != self.id and info.node_id not in self._handles:
-                self._handles[info.node_id] = PeerHandle(info, self.link_delay_s)
+                self._handles[info.node_id] = PeerHandle(info, self.link)
         await self.member.load_stage(prepare)
         return wire.encode(wire.Ack())
 

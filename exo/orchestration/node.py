@@ -434,7 +434,9 @@ class Node:
             return None
         return {**self.cluster.member.reports.snapshot(), "live_requests": self.live_requests(),
                 "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
-                + self.cluster.inbox.rejected}
+                + self.cluster.inbox.rejected,
+                "early_rollbacks": self.cluster.member.early_rollbacks,
+                "unauthenticated_calls": self.cluster.server.unauthenticated}
 
     def topology(self) -> dict:
         nodes = self.cluster.nodes() if self.cluster is not None else []

@@ -6,6 +6,13 @@ there), trims its cache, announces the kept length as a `KVRollback` event to ev
 stage and sends the `Result` to the request's origin. A stage processes block n only after
 it has applied block n-1's rollback and its cache holds exactly what the header says;
 anything else fails the request loudly instead of attending to the wrong context.
+
+Rollbacks are applied in block order whatever order they arrive in: the network may deliver
+block n+1's before block n's (a pass that samples only the last stage's held row skips the
+other stages, so two rollbacks leave the last stage back to back). A stage holds an early one
+until the gap fills (at most `MAX_EARLY_ROLLBACKS`); a gap that never fills fails the next
+pass after `rollback_wait_s`. The last stage also sends each peer a request's rollbacks one
+after the other.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from exo.speculative.verifier import BlockJudge
 log = logging.getLogger("exo.ring")
 Send = Callable[[str, str, bytes, float], Awaitable[bytes]]  # (node id, method, payload, timeout)
 Spawn = Callable[[str, str, bytes], None]  # send in the background, failures logged
+MAX_EARLY_ROLLBACKS = 8  # rollbacks held for later blocks while an earlier one is missing
 
 
 class RingError(RuntimeError):
@@ -54,6 +62,8 @@ class StageState:
     judge: BlockJudge | None = None  # last stage only
     rng: np.random.Generator | None = None  # last stage only: the request's sampling RNG
     applied: int = -1  # last block whose rollback this stage has applied
+    early: dict[int, KVRollback] = field(default_factory=dict)  # block -> rollback that overtook an earlier one
+    senders: dict[str, anyio.Lock] = field(default_factory=dict)  # peer -> lock that keeps its rollbacks in order
     failed: str = ""
     forwards: int = 0
     forward_seconds: float = 0.0
@@ -106,6 +116,7 @@ class RingMember:
         self.reports = StageReports()
         self.codec = EventCodec()
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
+        self.early_rollbacks = 0  # rollbacks that arrived before an earlier block's (held, then applied)
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
         self._forward = wire.decoder(wire.Forward)
         self._release = wire.decoder(wire.Release)
@@ -198,8 +209,9 @@ class RingMember:
         state.notify()
         rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(), shard=_label(stage, header),
                               keep_tokens=result.kept, block=header.seq)
-        for other in {s.node_id for s in header.ring} - {self.id}:
-            self.spawn(other, "Event", self.codec.encode(rollback))
+        payload = self.codec.encode(rollback)
+        for other in sorted({s.node_id for s in header.ring} - {self.id}):
+            self._spawn_in_order(state, other, "Event", payload)
         self._report(state, header.seq, rid)
         await self._deliver(header.origin, "Result", wire.encode(result))
 
@@ -264,19 +276,36 @@ class RingMember:
             self.rejected += 1
             log.warning("node %s: KVRollback for unknown request %s dropped", self.id, event.request_id)
             return
-        if event.block != state.applied + 1:
+        if state.failed:
+            return
+        if event.block <= state.applied or event.block in state.early:
             self.rejected += 1
             state.failed = (f"KVRollback for block {event.block} arrived after block {state.applied}: "
-                            f"out of order")
+                            f"out of order (duplicate or stale)")
+        elif event.block > state.applied + 1:
+            if len(state.early) >= MAX_EARLY_ROLLBACKS:
+                self.rejected += 1
+                state.failed = (f"KVRollback for block {event.block} arrived while block {state.applied + 1}'s "
+                                f"is still missing and {len(state.early)} later ones wait: out of order")
+            else:
+                state.early[event.block] = event  # applied once the blocks before it are
+                self.early_rollbacks += 1
+                return
         else:
+            self._apply_in_order(state, event)
+        state.notify()
+
+    def _apply_in_order(self, state: StageState, event: KVRollback | None) -> None:
+        """Apply `event` (the next block's rollback) and every held one that follows it."""
+        while event is not None and not state.failed:
             try:
                 rollback_to(self.engine, event.request_id, event.keep_tokens)
                 state.applied = event.block
             except KVRollbackError as exc:
                 state.failed = str(exc)
-        state.notify()
-        if not state.failed:
+                return
             self._report(state, event.block, event.request_id)
+            event = state.early.pop(state.applied + 1, None)
 
     def _report(self, state: StageState, block: int, request_id: str) -> None:
         report = StageReport(request_id=request_id, node_id=self.id, timestamp=time.time(),
@@ -290,6 +319,20 @@ class RingMember:
             self.spawn(state.origin, "Event", self.codec.encode(report))
 
     # -- sending ------------------------------------------------------------------------------
+    def _spawn_in_order(self, state: StageState, node_id: str, method: str, payload: bytes) -> None:
+        """Send in the background, after every earlier message of this request to that peer
+        (tasks start in spawn order and the lock queues them first come, first served)."""
+        if self.group is None:
+            log.warning("node %s is not serving: %s to %s not sent", self.id, method, node_id)
+            return
+        lock = state.senders.setdefault(node_id, anyio.Lock())
+
+        async def deliver() -> None:
+            async with lock:
+                await self._deliver(node_id, method, payload)
+
+        self.group.start_soon(deliver)
+
     def spawn(self, node_id: str, method: str, payload: bytes) -> None:
         """Send in the background (events must not hold up the critical path)."""
         if self.group is None:

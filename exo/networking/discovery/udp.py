@@ -17,6 +17,11 @@ use broadcast_address = bind_address = "127.255.255.255", which keeps everything
 relies on Linux treating 127.0.0.0/8 as a broadcast-capable subnet; macOS's lo0 does not do
 broadcast, so there a single-host cluster should use ManualDiscovery.
 
+With a cluster secret, each announcement carries an HMAC-SHA256 of its fields under the secret
+(`mac`); a node with a secret drops (and counts) announcements whose MAC does not check, so a
+stranger on the LAN cannot inject peers. A captured announcement can be replayed, but it only
+repeats what a member said.
+
 If a node announces an unspecified host ("0.0.0.0", "::" or ""), receivers substitute the
 datagram's source address, so a node listening on all interfaces is still reachable.
 """
@@ -32,6 +37,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from exo.networking import auth
 from exo.networking.discovery.base import Discovery
 from exo.networking.peer_info import PeerInfo
 
@@ -50,15 +56,21 @@ class Announcement(msgspec.Struct, frozen=True):
     type: Literal["exo-spec/announce"]
     version: int
     peer: PeerInfo
+    mac: bytes = b""  # HMAC of the other fields under the cluster secret (empty without one)
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Announcement)
 
 
-def encode_announcement(peer: PeerInfo) -> bytes:
+def _signed_part(msg: Announcement) -> bytes:
+    return _encoder.encode(msgspec.structs.replace(msg, mac=b""))
+
+
+def encode_announcement(peer: PeerInfo, secret: str = "") -> bytes:
     """The datagram a node broadcasts about itself."""
-    return _encoder.encode(Announcement(type=ANNOUNCE_TYPE, version=PROTOCOL_VERSION, peer=peer))
+    msg = Announcement(type=ANNOUNCE_TYPE, version=PROTOCOL_VERSION, peer=peer)
+    return _encoder.encode(msgspec.structs.replace(msg, mac=auth.sign(secret, _signed_part(msg))))
 
 
 if hasattr(anyio, "wait_readable"):  # anyio >= 4.7
@@ -78,6 +90,7 @@ class UDPDiscovery(Discovery):
         bind_address: str = "0.0.0.0",
         interval_s: float = 1.0,
         timeout_s: float = 5.0,
+        secret: str = "",
     ) -> None:
         if not 1 <= listen_port <= 65535:
             raise ValueError(f"listen_port must be in 1..65535, got {listen_port}")
@@ -91,6 +104,7 @@ class UDPDiscovery(Discovery):
         self.bind_address = bind_address
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.secret = secret
         self.malformed = 0  # datagrams on our port that were not valid announcements
         self._seen: dict[str, tuple[PeerInfo, float]] = {}  # node_id -> (info, monotonic last heard)
 
@@ -129,7 +143,7 @@ class UDPDiscovery(Discovery):
 
     async def _announce_loop(self, tx: socket.socket) -> None:
         """Announce ourselves and prune silent peers, once per interval."""
-        datagram = encode_announcement(self.self_info)
+        datagram = encode_announcement(self.self_info, self.secret)
         destination = (self.broadcast_address, self.listen_port)
         failing = False
         while True:
@@ -179,6 +193,9 @@ class UDPDiscovery(Discovery):
             return
         if msg.version != PROTOCOL_VERSION:
             self._count_malformed(addr, f"protocol version {msg.version}, expected {PROTOCOL_VERSION}")
+            return
+        if not auth.signed_by(self.secret, _signed_part(msg), msg.mac):
+            self._count_malformed(addr, "not signed with the cluster secret")
             return
         peer = msg.peer
         if peer.node_id == self.self_info.node_id:
