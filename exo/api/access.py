@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 
 import msgspec
@@ -17,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo.api.schemas import ErrorBody, ErrorResponse
+from exo.networking.auth import is_loopback
 
 log = logging.getLogger("exo.api")
 _json = msgspec.json.Encoder()
@@ -65,16 +65,6 @@ async def _refuse(send: Send, status: int, message: str, code: str, extra: dict[
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_if_exposed(host: str, api_key: str | None) -> bool:
