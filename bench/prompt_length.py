@@ -1,7 +1,7 @@
 """Does speculation survive long prompts? ~30, ~300 and ~1,500 prompt tokens, one process.
 
     .venv/bin/python bench/prompt_length.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
-        [--max-tokens 64] [--lengths 30 300 1500] [--ks 2 3 4] [--repeats 1]
+        [--max-tokens 64] [--lengths 30 300 1500] [--ks 2 3 4] [--repeats 1] [--categories ...]
 
 Prompts are built from text nobody here wrote: Python standard-library modules of this
 machine's Python ("explain this code", "add type hints to this code") and Python's own
@@ -132,7 +132,7 @@ async def run(args: argparse.Namespace) -> dict:
             pass
     for _ in stream_generate(target, lm_tokenizer, warm, max_tokens=4, draft_model=draft, num_draft_tokens=2):
         pass
-    for category, instruction, source in CATEGORIES:
+    for category, instruction, source in [c for c in CATEGORIES if c[0] in args.categories]:
         lines = passage_lines(source)
         for length in args.lengths:
             prompt = build_prompt(tokenizer, instruction, lines, length, source.endswith(".py"))
@@ -251,6 +251,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[30, 300, 1500])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--categories", nargs="+", default=[c[0] for c in CATEGORIES],
+                        choices=[c[0] for c in CATEGORIES], help="prompt kinds to run (default: all)")
     parser.add_argument("--out", default="prompt_length", help="result file stem under bench/results")
     args = parser.parse_args()
     import anyio
