@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -439,3 +440,38 @@ def test_exo_node_process_with_api_key_and_model_dir(tiny_llama, tiny_llama_othe
         out, _ = node.communicate(timeout=60)
         log.close()
     assert out == b""  # stdout carries only the product; a node has none
+
+
+# -- a failure after the stream started ---------------------------------------------------------
+def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(api, monkeypatch):
+    """Once the 200 is out, an engine failure must still end the stream in the OpenAI way
+    (an error event, then [DONE]) and never hang; the cache is freed and the node serves on."""
+    url, node = api
+    target = node.engine.target
+    real = target.infer_tensor
+    calls = 0
+
+    async def fails_after_the_prompt(request_id, shard, input_data, inference_state=None):
+        nonlocal calls
+        calls += 1
+        if calls > 3:  # the prompt pass and a few tokens are served first
+            raise RuntimeError("injected engine failure")
+        return await real(request_id, shard, input_data, inference_state)
+
+    monkeypatch.setattr(target, "infer_tensor", fails_after_the_prompt)
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 2 and all("choices" in c for c in chunks[:-1])  # token chunks came first
+    error = chunks[-1]["error"]
+    assert "injected engine failure" in error["message"] and error["type"] == "server_error"
+    assert calls == 4
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5  # the server finishes the response just after the client's last read
+    while node.live_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node.live_requests() == []
