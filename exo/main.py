@@ -7,6 +7,7 @@ once in this process.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -102,5 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def cli() -> None:
+    """The `exo` executable: `main`, then an exit that skips the interpreter's teardown.
+
+    Native libraries (MLX's scheduler, tokenizers, OpenBLAS) own threads whose C++
+    destructors race the interpreter's finalisation; under load that ended an `exo run`
+    whose work was done with "terminate called without an active exception" (SIGABRT).
+    Everything Python registered to run at exit still runs; only the teardown is skipped.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away (`exo run ... | head`)
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -78,6 +78,29 @@ def test_draft_step_cost_is_per_forward_not_per_kept_token():
     assert c.draft_step.value == pytest.approx(0.1)
 
 
+def test_overlapped_blocks_are_costed_by_their_cycle_not_the_sum_of_parts():
+    """Drafting 3 s and verifying 1 s per block, a sum-of-parts model sees 4 s per block of
+    about 3 tokens, worse than plain decoding's 1 token/s, and picks K = 0."""
+    def run(cycle):
+        c = AdaptiveK(max_depth=4, initial_k=3, warmup_steps=0)
+        for _ in range(12):
+            c.observe(3, 2, draft_s=3.0, verify_s=1.0, cycle_s=cycle)
+        c.observe(0, 0, 0.0, 1.0)  # a plain step, uncontended
+        return c
+
+    summed = run(None)  # sequential: the parts add up
+    assert summed.choose() == 0
+    overlapped = run(2.0)  # real overlap: the block took half the sum of its parts
+    assert overlapped.overlap.value == pytest.approx(0.5)
+    assert overlapped.choose() > 0
+    assert overlapped.expected_rate(3) == pytest.approx(summed.expected_rate(3) * 2)
+    contended = run(4.0)  # two threads on shared cores: no gain from overlap, none assumed
+    assert contended.choose() == 0 and contended.overlap.value == pytest.approx(1.0)
+    heir = AdaptiveK(max_depth=4, initial_k=3)
+    heir.inherit_costs(overlapped)
+    assert heir.overlap.value == pytest.approx(0.5)
+
+
 class FakeClock:
     """perf_counter that moves only when a model computes: costs are exact, never timed."""
 
@@ -156,3 +179,41 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tmp_path, monk
     if not pipelined:  # (pipelined, the one fake clock also moves with the target mid-draft)
         assert inherited.draft_step.value == pytest.approx(draft_step, rel=0.03)
     assert engine.last_request.metrics.k_histogram.get(0, 0) == 0
+
+
+async def test_draft_prompt_pass_is_skipped_when_the_answer_cannot_repay_it(tmp_path, monkeypatch):
+    """A 1,200-token prompt costs the draft 13 s; with 2 tokens left after the first,
+    speculation saves at most ~2 target steps (~10 s): decode plainly. With 39 left it pays."""
+    from tests.tiny_models import make_tiny_model
+
+    tiny_llama = make_tiny_model(tmp_path / "tiny-llama-2k", "llama", layers=4, seed=1, context=2048)
+    from exo.inference.generate import GenerationParams
+    from exo.speculative.config import SpeculativeConfig
+    from exo.speculative.engine import SpeculativeInferenceEngine
+    from exo.speculative.pipeline import common, sequential
+
+    clock = FakeClock()
+    for module in (common, sequential):
+        monkeypatch.setattr(module, "time", clock)
+    target, draft = clocked_engine(clock, 5.0, 0.1), clocked_engine(clock, 1.0, 0.01)
+    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
+        enabled=True, draft_model=str(tiny_llama), draft_tokens=4, acceptance_threshold=0.0))
+    shard = await engine.full_shard(str(tiny_llama))
+    prompt = [(7 * i) % 250 + 1 for i in range(1200)]
+
+    async def run(max_tokens):
+        draft.inputs.clear()
+        tokens = []
+        async for block in engine.generate(shard, prompt, GenerationParams(max_tokens=max_tokens), eos_ids=frozenset()):
+            tokens += block
+        return tokens, list(draft.inputs), engine.last_request.metrics
+
+    first, inputs, metrics = await run(40)  # nothing measured yet: prefill, and learn its cost
+    assert inputs[0] == len(prompt) and metrics.draft_prefills_skipped == 0
+    short, inputs, metrics = await run(3)
+    assert inputs == [] and metrics.draft_prefills_skipped == 1 and metrics.drafted == 0
+    assert short == first[:3]  # plain decoding: the same greedy tokens
+    again, inputs, metrics = await run(40)
+    assert inputs[0] == len(prompt) and metrics.draft_prefills_skipped == 0 and metrics.drafted > 0
+    assert again == first
+    engine.close()

@@ -92,8 +92,14 @@ class ProcessInferenceEngine(InferenceEngine):
         child.close()
 
     async def _call(self, call: Call) -> Reply:
+        """Only a load may start the process: any other call reaching a fresh child (the old
+        one died while this call waited for the lock) would find no model and no caches."""
         async with self._lock:
-            await anyio.to_thread.run_sync(self._start)  # spawning blocks; keep it off the loop
+            if call.op == "load":
+                await anyio.to_thread.run_sync(self._start)  # spawning blocks; keep it off the loop
+            elif self._process is None or not self._process.is_alive():
+                self._kill()
+                raise EngineProcessError(f"engine process died before {call.op}; load the model again")
             return await anyio.to_thread.run_sync(self._roundtrip, call)
 
     def _sync_call(self, call: Call) -> Reply:
@@ -219,6 +225,8 @@ async def _serve_loop(conn, engine) -> None:
                     engine.set_cache_policy(call.n)
                 await engine.load_checkpoint(shard, call.model_dir)
             elif call.op == "infer":
+                if shard is None:
+                    raise RuntimeError("no model loaded in this engine process")
                 out, _ = await engine.infer_tensor(call.request_id, shard, call.array.numpy(), call.state)
                 reply = Reply(array=Array.of(out), offset=engine.cache_offset(call.request_id))
             elif call.op == "trim":

@@ -9,6 +9,14 @@ Costs are per component and measured the same way every block: one draft *step* 
 forward of the draft over the few tokens it has not seen, never the prompt: that is the
 prefill's) and one target pass by input length. Each is a windowed median, so one outlier
 (a first call compiling kernels, a page fault, another process) cannot move the choice.
+
+When drafting overlaps verification (the pipelined scheduler) a block's cost is not the
+sum of its parts: on separate devices it approaches the larger one, on one shared CPU the
+parts slow each other down and the sum of their (inflated) durations counts the shared
+time twice. The scheduler then also reports each block's *cycle*, the wall time between
+consecutive verdicts, and the ratio cycle / (draft + verify), measured per block, scales
+every speculative cost. It is whatever the hardware gives: about max/sum with real
+overlap, about 1/2 when two threads share the cores, 1 without overlap.
 """
 
 from __future__ import annotations
@@ -76,13 +84,16 @@ class AdaptiveK:
         self.window = window
         self.draft_step = WindowedMedian(window)  # seconds per draft forward step
         self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
+        self.overlap = WindowedMedian(window)  # block cycle / (draft + verify), when overlapped
+        self.draft_prefill = WindowedMedian(window)  # draft seconds per prompt token, prompt pass
         self.steps = 0
         self.since_speculation = 0
 
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float,
-                draft_steps: int | None = None) -> None:
+                draft_steps: int | None = None, cycle_s: float | None = None) -> None:
         """Learn from one verified block: `draft_s` covers `draft_steps` draft forwards
-        (default `k`; one more when the confidence cut drafted a token it then dropped)."""
+        (default `k`; one more when the confidence cut drafted a token it then dropped);
+        `cycle_s`, from a scheduler that overlaps the two, is the block's wall time."""
         self.steps += 1
         for i in range(min(k, accepted + 1)):
             if not self.acceptance[i].observed:
@@ -98,6 +109,8 @@ class AdaptiveK:
         if steps:
             self.draft_step.update(draft_s / steps)
         self.verify.setdefault(k + 1, WindowedMedian(self.window)).update(verify_s)
+        if k and cycle_s is not None and draft_s + verify_s > 0:
+            self.overlap.update(cycle_s / (draft_s + verify_s))
 
     def acceptance_at(self, i: int) -> float:
         """Position i's estimate; a never-tried position borrows the deepest tried one's."""
@@ -147,17 +160,42 @@ class AdaptiveK:
         for i in range(k):
             survive *= self.acceptance_at(i)
             tau += survive
-        return tau / (k * (self.draft_step.value or 0.0) + verify)
+        cost = k * (self.draft_step.value or 0.0) + verify
+        if k and self.overlap.value is not None:
+            cost *= self.overlap.value
+        return tau / cost
+
+    def observe_draft_prefill(self, seconds: float, prompt_tokens: int) -> None:
+        if prompt_tokens:
+            self.draft_prefill.update(seconds / prompt_tokens)
+
+    def draft_prefill_pays(self, prompt_tokens: int, tokens_left: int) -> bool:
+        """Whether the draft's pass over the prompt is likely to be repaid by speculating on
+        the `tokens_left` tokens still allowed: a 1,500-token prompt with a 20-token answer
+        is faster decoded plainly. True until both costs have been measured (a first
+        request learns them); acceptance is this request's estimate, the prior at first."""
+        per_token, plain = self.draft_prefill.value, self.verify_cost(1)
+        if per_token is None or plain is None:
+            return True
+        rates = [rate for k in range(1, self.max_depth + 1) if (rate := self.expected_rate(k)) is not None]
+        if not rates:
+            return True
+        saved_per_token = plain - 1.0 / max(rates)
+        return tokens_left * saved_per_token > per_token * prompt_tokens
 
     def inherit_costs(self, previous: "AdaptiveK") -> None:
         """Start from another request's measured costs (they belong to the hardware and the
         models, not to the text), so a new request needs no warm-up blocks at a fixed K.
         The caller hands over only a controller measured the same way (same scheduler, same
-        pair, same placement); prompt passes are in neither, so prompt length cannot leak in."""
+        pair, same placement); prompt passes are kept apart, per prompt token, so prompt length
+        cannot leak into a block's cost."""
         if previous.draft_step.value is not None and previous.verify:
             self.draft_step = previous.draft_step.copy()
             self.verify = {n: m.copy() for n, m in previous.verify.items()}
+            self.overlap = previous.overlap.copy()
             self.warmup_steps = 0
+        if previous.draft_prefill.value is not None:
+            self.draft_prefill = previous.draft_prefill.copy()
 
     def choose(self) -> int:
         if not self.adaptive or self.steps < self.warmup_steps:

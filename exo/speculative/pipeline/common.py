@@ -69,6 +69,13 @@ class SpeculativeRequest:
         if proposer is None or self.draft_broken:
             return None
         if not self.draft_prefilled and self.finish_reason is None:
+            if not self.overlap_prefill and not self.controller.draft_prefill_pays(
+                    len(self.prompt), self.params.max_tokens - self.produced):
+                # Not a failure: the prompt pass would cost more than speculation could save.
+                self.metrics.draft_prefills_skipped += 1
+                self.publish(SpeculationFallback, reason="draft prompt pass would cost more than it saves")
+                self.draft_broken = True
+                return None
             self.draft_prefilled = True
             start = time.perf_counter()
             try:
@@ -79,6 +86,8 @@ class SpeculativeRequest:
                 self.draft_failed(f"draft prefill failed: {exc}")
                 self.draft_broken = True
             self.metrics.draft_prefill_time = time.perf_counter() - start
+            if not self.draft_broken and not self.overlap_prefill:
+                self.controller.observe_draft_prefill(self.metrics.draft_prefill_time, len(self.prompt))
         return None if self.draft_broken else proposer
 
     def draft_budget(self, k: int, produced: int, bonus: bool = True) -> int:
@@ -101,13 +110,13 @@ class SpeculativeRequest:
         self.publish(SpeculationFallback, reason=reason)
 
     def verified(self, block: DraftBlock, verdict: Verdict, emitted: list[int], draft_s: float,
-                 verify_s: float, drafting: bool) -> None:
+                 verify_s: float, drafting: bool, cycle_s: float | None = None) -> None:
         """Account for one verified block: controller, metrics, events.
 
         `emitted` is what `finish` let through of the verdict. Metrics count only that (a
         block cut by EOS or the budget counts as drafted and accepted up to the cut); the
         controller learns from the whole verdict, which says as much about the draft."""
-        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps)
+        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps, cycle_s)
         cut = len(emitted) < len(verdict.emitted)
         drafted = min(block.k, len(emitted)) if cut else block.k
         self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s)

@@ -107,6 +107,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                     times: SideTimes) -> None:
     epoch = 0
     drafts_open = True
+    last_verdict = time.perf_counter()  # a block's cycle runs from the verdict before it to its own
     async with verdicts:
         while request.finish_reason is None:
             waited = time.perf_counter()
@@ -128,7 +129,9 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
             verified = time.perf_counter()
             times.busy += verified - started
             emitted = request.finish(verdict.emitted, verdict.logprobs)
-            request.verified(block, verdict, emitted, block.draft_seconds, verified - started, drafts_open)
+            request.verified(block, verdict, emitted, block.draft_seconds, verified - started, drafts_open,
+                             cycle_s=verified - last_verdict)
+            last_verdict = verified
             committed += emitted
             if verdict.diverged:
                 epoch += 1
