@@ -396,6 +396,7 @@ def test_client_leaving_the_queue_frees_its_place(busy_api):
     assert httpx.post(f"{url}/v1/chat/completions", json=_chat_body("still fine"), timeout=60).status_code == 200
 
 
+@pytest.mark.integration
 def test_a_draft_node_refusal_reaches_the_client_of_another_node_as_429(tmp_path, tiny_llama, tiny_llama_other):
     """Node 1's API forwards to node 0 (the draft node), whose one slot is taken: 429 + Retry-After."""
     from exo.devtools.local_ring import RingCluster

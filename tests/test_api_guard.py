@@ -378,6 +378,7 @@ async def test_mlx_engine_refuses_input_past_the_context(tiny_llama):
         engine.close()
 
 
+@pytest.mark.integration
 async def test_tinygrad_engine_refuses_input_past_the_context(tiny_llama):
     engine = TinygradInferenceEngine(max_context=64, use_jit=False, warmup=())
     try:
@@ -404,6 +405,7 @@ def test_model_dir_flag_registers_checked_names(tiny_llama, tmp_path, monkeypatc
     assert build_parser().parse_args(["--api-key", "other"]).api_key == "other"
 
 
+@pytest.mark.integration
 def test_exo_node_process_with_api_key_and_model_dir(tiny_llama, tiny_llama_other, tmp_path):
     """The real `exo` command: the key guards its API, `--model-dir` names a model, paths are 404."""
     import subprocess

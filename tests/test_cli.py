@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # `exo` subprocesses
+
 
 def exo(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "exo.main", *args], capture_output=True, text=True, timeout=timeout)

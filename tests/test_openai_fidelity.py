@@ -366,6 +366,7 @@ def test_openai_client_sees_the_refusal(api, baseline):
 
 
 # -- through a real ring ----------------------------------------------------------------------
+@pytest.mark.integration
 def test_ring_logprobs_equal_single_node(tmp_path, api, tiny_llama, tiny_llama_other):
     """The last stage reports the rows it judged; any node's API relays them (GenerateChunk)."""
     url, _ = api

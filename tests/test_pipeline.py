@@ -118,6 +118,7 @@ async def test_target_failure_is_one_clear_error_and_engine_recovers(tiny_llama,
     assert got == await plain_tokens(tiny_llama, [1, 2, 3], GenerationParams(max_tokens=10))
 
 
+@pytest.mark.integration
 async def test_draft_and_target_in_pinned_processes(tiny_llama, tiny_llama_other):
     target = ProcessInferenceEngine(cpus=[0])
     draft = ProcessInferenceEngine(cpus=[1] if len(__import__("os").sched_getaffinity(0)) > 1 else [0])

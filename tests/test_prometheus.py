@@ -137,6 +137,7 @@ def test_rejections_are_counted_by_reason(api):
     assert value(families, "exo_requests_total", status="rejected") >= 1
 
 
+@pytest.mark.integration
 def test_a_ring_reports_stage_compute_times_and_both_apis_count(tmp_path, tiny_llama, tiny_llama_other):
     """Two real node processes: node 0 drafts and schedules; node 1's API forwards to it."""
     from exo.devtools.local_ring import RingCluster

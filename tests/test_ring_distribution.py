@@ -35,6 +35,8 @@ from exo.orchestration.cluster import Cluster
 from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
 
+pytestmark = pytest.mark.integration  # a real 2-node ring, 2,000 requests
+
 N_REQUESTS = 500
 LENGTH = 4  # tokens per request whose joint law is tested (the 4th may be a deferred bonus)
 PROMPT = "The capital of France is"

@@ -85,7 +85,6 @@ class AdaptiveK:
         self.draft_step = WindowedMedian(window)  # seconds per draft forward step
         self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
         self.overlap = WindowedMedian(window)  # block cycle / (draft + verify), when overlapped
-        self.draft_prefill = WindowedMedian(window)  # draft seconds per prompt token, prompt pass
         self.steps = 0
         self.since_speculation = 0
 
@@ -165,37 +164,16 @@ class AdaptiveK:
             cost *= self.overlap.value
         return tau / cost
 
-    def observe_draft_prefill(self, seconds: float, prompt_tokens: int) -> None:
-        if prompt_tokens:
-            self.draft_prefill.update(seconds / prompt_tokens)
-
-    def draft_prefill_pays(self, prompt_tokens: int, tokens_left: int) -> bool:
-        """Whether the draft's pass over the prompt is likely to be repaid by speculating on
-        the `tokens_left` tokens still allowed: a 1,500-token prompt with a 20-token answer
-        is faster decoded plainly. True until both costs have been measured (a first
-        request learns them); acceptance is this request's estimate, the prior at first."""
-        per_token, plain = self.draft_prefill.value, self.verify_cost(1)
-        if per_token is None or plain is None:
-            return True
-        rates = [rate for k in range(1, self.max_depth + 1) if (rate := self.expected_rate(k)) is not None]
-        if not rates:
-            return True
-        saved_per_token = plain - 1.0 / max(rates)
-        return tokens_left * saved_per_token > per_token * prompt_tokens
-
     def inherit_costs(self, previous: "AdaptiveK") -> None:
         """Start from another request's measured costs (they belong to the hardware and the
         models, not to the text), so a new request needs no warm-up blocks at a fixed K.
         The caller hands over only a controller measured the same way (same scheduler, same
-        pair, same placement); prompt passes are kept apart, per prompt token, so prompt length
-        cannot leak into a block's cost."""
+        pair, same placement); prompt passes are in neither, so prompt length cannot leak in."""
         if previous.draft_step.value is not None and previous.verify:
             self.draft_step = previous.draft_step.copy()
             self.verify = {n: m.copy() for n, m in previous.verify.items()}
             self.overlap = previous.overlap.copy()
             self.warmup_steps = 0
-        if previous.draft_prefill.value is not None:
-            self.draft_prefill = previous.draft_prefill.copy()
 
     def choose(self) -> int:
         if not self.adaptive or self.steps < self.warmup_steps:

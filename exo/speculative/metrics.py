@@ -26,7 +26,6 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     pipeline_idle: dict[str, float] = {}  # pipelined: seconds the draft / verify side waited
     prefill_time: float = 0.0  # seconds of the prompt pass(es) up to the first token
     draft_prefill_time: float = 0.0  # seconds of the draft's prompt pass (never in draft_time)
-    draft_prefills_skipped: int = 0  # requests decoded plainly: the prompt pass would not pay
 
 
 class SpeculativeMetrics:
@@ -38,7 +37,6 @@ class SpeculativeMetrics:
         self.k_histogram: dict[int, int] = {}
         self.draft_failures = self.fallback_steps = 0
         self.prefill_time = self.draft_prefill_time = 0.0
-        self.draft_prefills_skipped = 0
         self.prefill_emitted = 0  # the first token, sampled from the prompt pass
         self.pipeline_busy: dict[str, float] = {}  # pipelined: seconds each side computed
         self.pipeline_idle: dict[str, float] = {}  # pipelined: seconds each side waited
@@ -65,7 +63,7 @@ class SpeculativeMetrics:
     def merge(self, other: "SpeculativeMetrics") -> None:
         for name in ("steps", "drafted", "accepted", "emitted", "draft_time", "verification_time",
                      "decode_time", "draft_failures", "fallback_steps", "prefill_time", "draft_prefill_time",
-                     "prefill_emitted", "draft_prefills_skipped"):
+                     "prefill_emitted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("pipeline_busy", "pipeline_idle"):
             mine = getattr(self, name)
@@ -94,5 +92,4 @@ class SpeculativeMetrics:
             draft_failures=self.draft_failures, fallback_steps=self.fallback_steps,
             pipeline_busy=dict(self.pipeline_busy), pipeline_idle=dict(self.pipeline_idle),
             prefill_time=self.prefill_time, draft_prefill_time=self.draft_prefill_time,
-            draft_prefills_skipped=self.draft_prefills_skipped,
         )

@@ -69,13 +69,6 @@ class SpeculativeRequest:
         if proposer is None or self.draft_broken:
             return None
         if not self.draft_prefilled and self.finish_reason is None:
-            if not self.overlap_prefill and not self.controller.draft_prefill_pays(
-                    len(self.prompt), self.params.max_tokens - self.produced):
-                # Not a failure: the prompt pass would cost more than speculation could save.
-                self.metrics.draft_prefills_skipped += 1
-                self.publish(SpeculationFallback, reason="draft prompt pass would cost more than it saves")
-                self.draft_broken = True
-                return None
             self.draft_prefilled = True
             start = time.perf_counter()
             try:
@@ -86,8 +79,6 @@ class SpeculativeRequest:
                 self.draft_failed(f"draft prefill failed: {exc}")
                 self.draft_broken = True
             self.metrics.draft_prefill_time = time.perf_counter() - start
-            if not self.draft_broken and not self.overlap_prefill:
-                self.controller.observe_draft_prefill(self.metrics.draft_prefill_time, len(self.prompt))
         return None if self.draft_broken else proposer
 
     def draft_budget(self, k: int, produced: int, bonus: bool = True) -> int:
