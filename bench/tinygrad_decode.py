@@ -51,8 +51,8 @@ def side(args: argparse.Namespace) -> list[dict]:
     import anyio
 
     import exo  # noqa: F401  (BLAS before mlx.core)
+    from exo.inference.backends import make_engine
     from exo.inference.generate import GenerationParams
-    from exo.inference.placement import make_engine
     from exo.inference.sources import model_dir_for
     from exo.speculative.config import SpeculativeConfig
     from exo.speculative.engine import SpeculativeInferenceEngine
