@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RESULTS, exo_run_json, machine, median, save
+from common import exo_run_json, grouped_bars, machine, median, pyplot, save, save_figure, table_cells
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome, with a docstring."
 
@@ -47,25 +47,15 @@ def main() -> None:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    blases = list(dict.fromkeys(r["blas"] for r in rows))
+    plt = pyplot()
+    models, _, cells = table_cells(rows, lambda r: r["model"], "blas")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(blases)
-    for j, blas in enumerate(blases):
-        for ax, key in zip(axes, ("decode_tokens_per_second", "prefill_seconds")):
-            values = [next(r[key] for r in rows if r["model"] == m and r["blas"] == blas) for m in models]
-            ax.bar([i + j * width for i in range(len(models))], values, width, label=blas)
-    for ax, title in zip(axes, ("decode tokens/s (higher is better)", "prefill seconds (lower is better)")):
-        ax.set_xticks([i + width * (len(blases) - 1) / 2 for i in range(len(models))], models, fontsize=8)
+    for ax, key, title in zip(axes, ("decode_tokens_per_second", "prefill_seconds"),
+                              ("decode tokens/s (higher is better)", "prefill seconds (lower is better)")):
+        grouped_bars(ax, models, {blas: [r[key] for r in runs] for blas, runs in cells.items()}, fontsize=8)
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "blas_decode.png", dpi=110)
+    save_figure(fig, "blas_decode")
 
 
 if __name__ == "__main__":

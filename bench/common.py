@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,4 +40,48 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def table_cells(table: Sequence[dict], group: Callable[[dict], Hashable],
+                series: str = "mode") -> tuple[list, list, dict[Any, list[dict | None]]]:
+    """A results table as a plot's grid: its groups and its series (each in the order it first
+    appears) and, per series, its entry in every group (None where it has none)."""
+    groups = list(dict.fromkeys(group(e) for e in table))
+    names = list(dict.fromkeys(e[series] for e in table))
+    cells = {name: [next((e for e in table if group(e) == g and e[series] == name), None) for g in groups]
+             for name in names}
+    return groups, names, cells
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing off-screen (benchmarks only save PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[float]],
+                 **tick_style) -> list[list[float]]:
+    """One bar per series side by side in every group, the group names centred under them.
+    `series` maps each legend label to its value in every group; `tick_style` goes to the tick
+    labels. Returns each series' bar positions (to mark other values on the same bars)."""
+    width = 0.8 / len(series)
+    positions = []
+    for j, (label, values) in enumerate(series.items()):
+        xs = [i + j * width for i in range(len(groups))]
+        ax.bar(xs, values, width, label=label)
+        positions.append(xs)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups, **tick_style)
+    return positions
+
+
+def save_figure(fig, stem: str) -> Path:
+    """Lay the figure out and save it as results/<stem>.png, at the one resolution all plots use."""
+    path = RESULTS / f"{stem}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path

@@ -18,7 +18,7 @@ import time
 
 import anyio
 
-from common import RESULTS, machine, save
+from common import grouped_bars, machine, pyplot, save, save_figure, table_cells
 from speculative_decode import PROMPTS
 
 
@@ -83,19 +83,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def plot(table: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prompts = list(dict.fromkeys(e["prompt"] for e in table))
-    modes = list(dict.fromkeys(e["mode"] for e in table))
+    plt = pyplot()
+    prompts, _, cells = table_cells(table, lambda e: e["prompt"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
-        values = [next(e["tokens_per_second"] for e in table if e["mode"] == mode and e["prompt"] == p) for p in prompts]
-        axes[0].bar([i + j * width for i in range(len(prompts))], values, width, label=mode)
-    axes[0].set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(prompts))], prompts)
+    grouped_bars(axes[0], prompts, {mode: [e["tokens_per_second"] for e in entries]
+                                    for mode, entries in cells.items()})
     axes[0].set_title("decode tokens/s")
     axes[0].legend(fontsize=8)
     pipelined = [e for e in table if e["mode"] == "pipelined"]
@@ -106,8 +98,7 @@ def plot(table: list[dict]) -> None:
     axes[1].bar(labels, idle, bottom=busy, label="idle")
     axes[1].set_title("pipelined: seconds busy / idle per side")
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "pipelined_decode.png", dpi=110)
+    save_figure(fig, "pipelined_decode")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, median, save
+from common import machine, median, pyplot, save, save_figure
 
 # (category, instruction, source file of the passage) -- the passage is public text.
 CATEGORIES = [
@@ -220,11 +220,7 @@ def markdown(table: list[dict]) -> str:
 
 
 def plot(table: list[dict], stem: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     categories = list(dict.fromkeys(e["category"] for e in table))
     fig, axes = plt.subplots(1, len(categories), figsize=(5 * len(categories), 4), squeeze=False)
     for ax, category in zip(axes[0], categories):
@@ -239,8 +235,7 @@ def plot(table: list[dict], stem: str) -> None:
         ax.set_xlabel("prompt tokens")
         ax.set_title(f"{category}: decode speed-up vs plain", fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    save_figure(fig, stem)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import RESULTS, machine, median, save
+from common import RESULTS, grouped_bars, machine, median, pyplot, save, save_figure, table_cells
 from speculative_decode import PROMPTS
 
 MODES = {
@@ -149,21 +149,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def plot(table: list[dict], prompt: str, name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in table if r["prompt"] == prompt]
-    setups = list(dict.fromkeys((r["nodes"], r["delay_ms"]) for r in rows))
+    setups, _, cells = table_cells(rows, lambda r: (r["nodes"], r["delay_ms"]))
     labels = [f"{n} node{'s' if n > 1 else ''}\n{d} ms" for n, d in setups]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.6))
-    width = 0.8 / len(MODES)
-    for j, mode in enumerate(MODES):
-        values = [next(r["tokens_per_second"] for r in rows if (r["nodes"], r["delay_ms"], r["mode"]) == (*s, mode))
-                  for s in setups]
-        axes[0].bar([i + j * width for i in range(len(setups))], values, width, label=mode)
-    axes[0].set_xticks([i + width for i in range(len(setups))], labels, fontsize=8)
+    grouped_bars(axes[0], labels, {mode: [r["tokens_per_second"] for r in cells[mode]] for mode in MODES},
+                 fontsize=8)
     axes[0].set_title(f"decode tokens/s ({prompt} prompt), per ring size and one-way hop delay")
     axes[0].legend(fontsize=8)
     sequential = [r for r in rows if r["mode"] == "sequential" and r["nodes"] > 1]
@@ -178,8 +170,7 @@ def plot(table: list[dict], prompt: str, name: str) -> None:
                        [f"{r['nodes']}n {r['delay_ms']}ms" for r in sequential], fontsize=8)
     axes[1].set_title("seconds in the ring per request: plain vs speculative")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    save_figure(fig, name)
 
 
 def main() -> None:

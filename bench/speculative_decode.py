@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, machine, save
+from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure, table_cells
 
 PROMPTS = {
     "code": "Write a Python function that merges two sorted lists into one sorted list. "
@@ -160,30 +160,21 @@ def markdown(table: list[dict]) -> str:
 
 
 def plot(table: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys((e["prompt"], e["temperature"]) for e in table))
-    modes = list(dict.fromkeys(e["mode"] for e in table))
+    plt = pyplot()
+    groups, modes, picks = table_cells(table, lambda e: (e["prompt"], e["temperature"]))
+    labels = [f"{p} T={t}" for p, t in groups]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
-        picks = [next((e for e in table if (e["prompt"], e["temperature"]) == g and e["mode"] == mode), None) for g in groups]
-        xs = [i + j * width for i in range(len(groups))]
-        axes[0].bar(xs, [p["decode_tokens_per_second"] if p else 0 for p in picks], width, label=f"exo {mode}")
-        axes[1].bar(xs, [p["acceptance_rate"] if p else 0 for p in picks], width, label=mode)
-        mlx = [p.get("mlx_lm_tokens_per_second") if p else None for p in picks]
+    positions = grouped_bars(axes[0], labels, {f"exo {mode}": [p["decode_tokens_per_second"] if p else 0
+                                                               for p in picks[mode]] for mode in modes})
+    grouped_bars(axes[1], labels, {mode: [p["acceptance_rate"] if p else 0 for p in picks[mode]] for mode in modes})
+    for j, (mode, xs) in enumerate(zip(modes, positions)):
+        mlx = [p.get("mlx_lm_tokens_per_second") if p else None for p in picks[mode]]
         axes[0].scatter([x for x, v in zip(xs, mlx) if v], [v for v in mlx if v], color="black", marker="_", s=200,
                         label="mlx-lm same K" if j == 0 else None, zorder=3)
-    labels = [f"{p} T={t}" for p, t in groups]
     for ax, title in zip(axes, ("decode tokens/s (bars: exo; black ticks: mlx-lm at the same K)", "acceptance rate")):
-        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(groups))], labels)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "speculative_decode.png", dpi=110)
+    save_figure(fig, "speculative_decode")
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, save
+from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure, table_cells
 
 PROMPTS = {
     "code": "Write a Python function that merges two sorted lists into one sorted list. "
@@ -51,8 +51,8 @@ def side(args: argparse.Namespace) -> list[dict]:
     import anyio
 
     import exo  # noqa: F401  (BLAS before mlx.core)
+    from exo.inference.backends import make_engine
     from exo.inference.generate import GenerationParams
-    from exo.inference.placement import make_engine
     from exo.inference.sources import model_dir_for
     from exo.speculative.config import SpeculativeConfig
     from exo.speculative.engine import SpeculativeInferenceEngine
@@ -143,30 +143,18 @@ def markdown(table: list[dict]) -> str:
 
 
 def plot(table: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys((e["engine"], e["prompt"]) for e in table))
-    modes = list(dict.fromkeys(e["mode"] for e in table))
+    plt = pyplot()
+    groups, modes, picks = table_cells(table, lambda e: (e["engine"], e["prompt"]))
+    labels = [f"{engine}\n{prompt}" for engine, prompt in groups]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
-        picks = [next((e for e in table if (e["engine"], e["prompt"]) == g and e["mode"] == mode), None)
-                 for g in groups]
-        xs = [i + j * width for i in range(len(groups))]
-        axes[0].bar(xs, [p["decode_tokens_per_second"] if p else 0 for p in picks], width, label=mode)
-        axes[1].bar(xs, [p["speedup_vs_plain"] if p else 0 for p in picks], width, label=mode)
-    for ax, name in zip(axes, ("decode tokens/s (median)", "speed-up vs the same engine's plain decoding")):
-        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(groups))],
-                      [f"{engine}\n{prompt}" for engine, prompt in groups])
+    for ax, key, name in zip(axes, ("decode_tokens_per_second", "speedup_vs_plain"),
+                             ("decode tokens/s (median)", "speed-up vs the same engine's plain decoding")):
+        grouped_bars(ax, labels, {mode: [p[key] if p else 0 for p in picks[mode]] for mode in modes})
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=8)
     axes[1].axhline(1.0, color="black", linewidth=0.8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "tinygrad_decode.png", dpi=110)
+    save_figure(fig, "tinygrad_decode")
 
 
 def main() -> None:

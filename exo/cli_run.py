@@ -10,8 +10,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from exo.inference.backends import ENGINES
 from exo.inference.generate import GenerationParams
-from exo.inference.placement import ENGINES, PLACEMENTS, make_engine_pair
+from exo.inference.placement import PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
 from exo.inference.text_stream import TextStream
 from exo.models import UnknownModelError

@@ -6,24 +6,17 @@ import anyio
 import numpy as np
 import pytest
 
+from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
-from exo.networking import wire
 from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
 from exo.networking.peer_info import PeerInfo
 from exo.inference.shard import Shard
+from exo.orchestration import protocol
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.ring_stage import MAX_EARLY_ROLLBACKS, RingError, RingTimeouts, StageState
 from exo.topology.partitioning import Stage
 from exo.speculative.events import EventBus, EventCodec, KVRollback
 from exo.devtools.local_ring import free_port
-
-
-def test_tensor_bytes_round_trip_and_length_check():
-    array = np.arange(24, dtype=np.float32).reshape(1, 4, 6)
-    assert np.array_equal(wire.TensorBytes.of(array).array(), array)
-    bad = wire.TensorBytes("<f4", [1, 4, 7], array.tobytes())
-    with pytest.raises(ValueError, match="needs"):
-        bad.array()
 
 
 def test_probability_rows_go_sparse_only_when_it_is_smaller():
@@ -32,14 +25,14 @@ def test_probability_rows_go_sparse_only_when_it_is_smaller():
     sparse = np.zeros((3, 50), dtype=np.float32)
     sparse[[0, 1, 2], [4, 9, 49]] = [0.5, 1.0, 0.25]
     for rows, is_dense in ((dense, True), (sparse, False)):
-        encoded = wire.SparseRows.of(rows)
+        encoded = protocol.SparseRows.of(rows)
         assert (encoded.dense is not None) is is_dense
         decoded = msgspec_round_trip(encoded).array()
         assert decoded.dtype == rows.dtype and np.array_equal(decoded, rows)
 
 
 def msgspec_round_trip(message):
-    return wire.decoder(type(message)).decode(wire.encode(message))
+    return protocol.decoder(type(message)).decode(protocol.encode(message))
 
 
 @asynccontextmanager
@@ -62,19 +55,20 @@ async def serving_node(secret: str = ""):
 
 async def test_health_reply_carries_the_node_info():
     async with serving_node() as (cluster, handle):
-        reply = wire.decoder(wire.Health).decode(await handle.call("Health", b"", 5))
+        reply = protocol.decoder(protocol.Health).decode(await handle.call("Health", b"", 5))
         assert reply.info == cluster.info
 
 
 async def test_a_node_with_a_cluster_secret_refuses_every_call_without_it():
     async with serving_node(secret="correct horse") as (cluster, member_handle):
-        assert wire.decoder(wire.Health).decode(await member_handle.call("Health", b"", 5)).info == cluster.info
+        reply = await member_handle.call("Health", b"", 5)
+        assert protocol.decoder(protocol.Health).decode(reply).info == cluster.info
         for secret in ("", "wrong horse", "correct horse "):
             stranger = PeerHandle(cluster.info, LinkOptions(secret=secret))
             try:
                 for method in ("Health", "Forward", "Event", "Release"):
                     with pytest.raises(PeerError, match="UNAUTHENTICATED"):
-                        await stranger.call(method, wire.encode(wire.Ack()), 5)
+                        await stranger.call(method, protocol.encode(protocol.Ack()), 5)
             finally:
                 await stranger.close()
         assert cluster.server.unauthenticated == 12
@@ -84,16 +78,16 @@ async def test_a_node_with_a_cluster_secret_refuses_every_call_without_it():
 async def test_corrupt_and_misrouted_messages_are_rejected_and_counted():
     async with serving_node() as (cluster, handle):
         for method, payload in (("Forward", b"\x93garbage"), ("Result", b"\x00"), ("Event", b"not msgpack"),
-                                ("Release", wire.encode(wire.Ack()))):
+                                ("Release", protocol.encode(protocol.Ack()))):
             with pytest.raises(PeerError, match="INVALID_ARGUMENT"):
                 await handle.call(method, payload, 5)
         assert cluster.server.rejected == 4
-        header = wire.BlockHeader("r", "solo", "m", 4, [], 0, 0, [1], 0, wire.GenerationParams())
+        header = protocol.BlockHeader("r", "solo", "m", 4, [], 0, 0, [1], 0, GenerationParams())
         with pytest.raises(PeerError, match="sent to node solo"):
-            await handle.call("Forward", wire.encode(wire.Forward(header, 0)), 5)
+            await handle.call("Forward", protocol.encode(protocol.Forward(header, 0)), 5)
         # A verdict nobody waits for (late, duplicated or out of order) is refused and counted.
         with pytest.raises(PeerError, match="no pass waits"):
-            await handle.call("Result", wire.encode(wire.Result("r", 3, "other")), 5)
+            await handle.call("Result", protocol.encode(protocol.Result("r", 3, "other")), 5)
         assert cluster.inbox.rejected == 2
 
 
@@ -134,10 +128,10 @@ async def test_a_rollback_gap_that_never_fills_fails_the_request(tiny_llama):
         member.states["req"] = StageState(shard, "solo", applied=0)
         codec = EventCodec()
         await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=2)), 5)
-        header = wire.BlockHeader("req", "solo", str(tiny_llama), 4, [Stage("solo", 0, 3)], 3, 3, [1], 3,
-                                  wire.GenerationParams())
+        header = protocol.BlockHeader("req", "solo", str(tiny_llama), 4, [Stage("solo", 0, 3)], 3, 3, [1], 3,
+                                      GenerationParams())
         with anyio.fail_after(5), pytest.raises(RingError, match="no KVRollback for block 2"):
-            await member._state_for(wire.Forward(header, 0), last=True)
+            await member._state_for(protocol.Forward(header, 0), last=True)
         assert member.engine.cache_offset("req") == 5
         # More early rollbacks than a stage holds: the request fails instead of buffering without end.
         for block in range(3, 3 + MAX_EARLY_ROLLBACKS):

@@ -225,9 +225,9 @@ def test_a_ring_with_a_cluster_secret_serves_and_refuses_strangers(tmp_path, tin
     streams between them carry it, and a caller without it (or with a wrong one) is refused."""
     import anyio
 
-    from exo.networking import wire
     from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
     from exo.networking.peer_info import PeerInfo
+    from exo.orchestration import protocol
 
     model, draft = str(tiny_llama), str(tiny_llama_other)
     single = single_node_outputs(model, draft, 16)
@@ -242,7 +242,7 @@ def test_a_ring_with_a_cluster_secret_serves_and_refuses_strangers(tmp_path, tin
             try:
                 for method in ("Health", "Prepare", "Event"):
                     try:
-                        await handle.call(method, wire.encode(wire.Ack()), 5)
+                        await handle.call(method, protocol.encode(protocol.Ack()), 5)
                     except PeerError as exc:
                         errors.append(str(exc))
                 try:

@@ -35,7 +35,6 @@ from exo.inference.engine import ContextLengthError
 from exo.inference.logprobs import TokenLogprob
 from exo.inference.sources import ModelSourceError, ModelStore
 from exo.models import UnknownModelError
-from exo.networking.grpc_transport import PeerError
 from exo.orchestration.admission import AdmissionRejected
 from exo.orchestration.node import Node
 from exo.orchestration.ring_stage import RingError
@@ -53,10 +52,7 @@ class APIError(Exception):
         self.headers = headers
 
 
-CLUSTER_ERRORS = (RingError, PeerError)
-
-
-def _cluster_error(exc: Exception) -> APIError:
+def _cluster_error(exc: RingError) -> APIError:
     """A failed stage or peer: the request cannot be served now; the cluster may heal."""
     return APIError(503, f"cluster: {exc}", None, "ring_failed", "server_error")
 
@@ -204,7 +200,7 @@ class ChatGPTAPI:
             raise APIError(404, str(exc), "model", "model_not_found") from exc
         except ModelSourceError as exc:
             raise APIError(503, f"model unavailable: {exc}", "model", "model_unavailable", "server_error") from exc
-        except CLUSTER_ERRORS as exc:
+        except RingError as exc:
             raise _cluster_error(exc) from exc
         return self.node.tokenizer
 
@@ -287,7 +283,7 @@ class ChatGPTAPI:
                 raise APIError(400, str(exc), "speculative") from exc
             except ContextLengthError as exc:
                 raise APIError(400, str(exc), "max_tokens", "context_length_exceeded") from exc
-            except CLUSTER_ERRORS as exc:
+            except RingError as exc:
                 raise _cluster_error(exc) from exc
             except AdmissionRejected as exc:  # by the draft node this request was forwarded to
                 raise _rejected(exc) from exc

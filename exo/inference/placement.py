@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import os
 
+from exo.inference.backends import check_engine_name, make_engine
 from exo.inference.engine import InferenceEngine
+from exo.inference.process_engine import ProcessInferenceEngine
 
 PLACEMENTS = ("threads", "processes")
-ENGINES = ("mlx", "tinygrad")
-
-
-def check_engine_name(name: str) -> str:
-    if name not in ENGINES:
-        raise ValueError(f"unknown inference engine {name!r}; use one of {', '.join(ENGINES)}")
-    return name
-
-
-def make_engine(name: str = "mlx") -> InferenceEngine:
-    """A fresh in-process engine by name; backends are imported only when chosen."""
-    check_engine_name(name)
-    if name == "tinygrad":
-        from exo.inference.tinygrad.engine import TinygradInferenceEngine
-        return TinygradInferenceEngine()
-    from exo.inference.mlx.engine import MLXInferenceEngine
-    return MLXInferenceEngine()
 
 
 def make_engine_pair(placement: str = "threads", engine: str = "mlx",
@@ -32,8 +17,6 @@ def make_engine_pair(placement: str = "threads", engine: str = "mlx",
     draft can run on one backend and the target on another. `processes` pins the draft to the
     last CPU and the target to the rest, each with its own BLAS threads, so pipelined
     drafting really overlaps verification."""
-    from exo.inference.process_engine import ProcessInferenceEngine
-
     draft_engine = check_engine_name(draft_engine or engine)
     check_engine_name(engine)
     if placement == "threads":

@@ -19,24 +19,12 @@ import anyio
 import msgspec
 import numpy as np
 
+from exo.inference.backends import check_engine_name, make_engine
 from exo.inference.engine import InferenceEngine
 from exo.inference.shard import Shard
+from exo.inference.tensor_bytes import TensorBytes
 
 log = logging.getLogger("exo.process_engine")
-
-
-class Array(msgspec.Struct, frozen=True):
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> "Array":
-        array = np.ascontiguousarray(array)
-        return cls(array.dtype.str, array.shape, array.tobytes())
-
-    def numpy(self) -> np.ndarray:
-        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
 
 
 class Call(msgspec.Struct, frozen=True):
@@ -44,14 +32,14 @@ class Call(msgspec.Struct, frozen=True):
     request_id: str = ""
     shard: tuple[str, int, int, int] | None = None
     model_dir: str = ""
-    array: Array | None = None
+    array: TensorBytes | None = None
     state: dict[str, Any] | None = None
     n: int = 0  # trim: tokens to drop; load: cache table capacity (0: the engine's default)
 
 
 class Reply(msgspec.Struct, frozen=True):
     error: str = ""
-    array: Array | None = None
+    array: TensorBytes | None = None
     offset: int = 0
 
 
@@ -63,9 +51,7 @@ class ProcessInferenceEngine(InferenceEngine):
     def __init__(self, cpus: Sequence[int] | None = None, blas_threads: int | None = 1, *,
                  model_dir_for: Callable[[str], Path] | None = None, call_timeout: float = 600.0,
                  engine: str = "mlx"):
-        """`engine` names the backend the child process hosts (see `placement.ENGINES`)."""
-        from exo.inference.placement import check_engine_name
-
+        """`engine` names the backend the child process hosts (see `backends.ENGINES`)."""
         self.name = check_engine_name(engine)
         if model_dir_for is None:
             from exo.inference.sources import model_dir_for as default_resolver
@@ -154,10 +140,10 @@ class ProcessInferenceEngine(InferenceEngine):
             self._kill()
             raise EngineProcessError(f"engine process died; the KV cache of request {request_id!r} is lost")
         await self.ensure_shard(shard)
-        reply = await self._call(Call("infer", request_id, array=Array.of(np.asarray(input_data)),
+        reply = await self._call(Call("infer", request_id, array=TensorBytes.of(np.asarray(input_data)),
                                       state=inference_state))
         self._offsets[request_id] = reply.offset
-        return reply.array.numpy(), inference_state
+        return reply.array.array(), inference_state
 
     def cache_offset(self, request_id: str) -> int:
         return self._offsets.get(request_id, 0)
@@ -201,8 +187,6 @@ def _serve(conn, cpus: list[int], blas_threads: int | None, engine_name: str = "
     if cpus and engine_name == "tinygrad":
         os.environ.setdefault("NUM_CPU_THREADS", str(len(cpus)))  # tinygrad CPU threads follow the pinning
     import exo  # noqa: F401  (BLAS selection, before mlx.core)
-    from exo.inference.placement import make_engine
-
     anyio.run(_serve_loop, conn, make_engine(engine_name))
 
 
@@ -227,8 +211,8 @@ async def _serve_loop(conn, engine) -> None:
             elif call.op == "infer":
                 if shard is None:
                     raise RuntimeError("no model loaded in this engine process")
-                out, _ = await engine.infer_tensor(call.request_id, shard, call.array.numpy(), call.state)
-                reply = Reply(array=Array.of(out), offset=engine.cache_offset(call.request_id))
+                out, _ = await engine.infer_tensor(call.request_id, shard, call.array.array(), call.state)
+                reply = Reply(array=TensorBytes.of(out), offset=engine.cache_offset(call.request_id))
             elif call.op == "trim":
                 engine.trim_cache(call.request_id, call.n)
                 reply = Reply(offset=engine.cache_offset(call.request_id))

@@ -9,17 +9,18 @@ between two different partitions.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import anyio
 
 from exo.inference.engine import InferenceEngine
-from exo.networking import wire
 from exo.networking.discovery import Discovery
 from exo.networking.auth import is_loopback
 from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle, RPCServer, StreamHandler
 from exo.networking.peer_info import PeerInfo
-from exo.orchestration.ring_stage import RingError, RingMember, RingTimeouts, decode_message
+from exo.orchestration import protocol
+from exo.orchestration.ring_stage import RingError, RingStage, RingTimeouts, decode_message
 from exo.orchestration.ring_verifier import ResultInbox
 from exo.speculative.events import EventBus
 from exo.topology.partitioning import Stage, partition_by_memory
@@ -38,7 +39,7 @@ class Cluster:
         self.timeouts = timeouts
         self.peers: dict[str, PeerHandle] = {}  # healthy peers only
         self.inbox = ResultInbox()
-        self.member = RingMember(info.node_id, engine, self.call, events, timeouts)
+        self.member = RingStage(info.node_id, engine, self.call, events, timeouts)
         self.handlers = {
             "Health": self._on_health,
             "Prepare": self._on_prepare,
@@ -52,7 +53,7 @@ class Cluster:
         self._prepared: tuple | None = None
         self._prepare_lock = anyio.Lock()
         self._handles: dict[str, PeerHandle] = {}  # every peer ever reached, healthy or not
-        self._prepare_decoder = wire.decoder(wire.Prepare)
+        self._prepare_decoder = protocol.decoder(protocol.Prepare)
 
     @property
     def id(self) -> str:
@@ -102,7 +103,7 @@ class Cluster:
         if handle is None or (handle.info.host, handle.info.port) != (info.host, info.port):
             handle = self._handles[peer_id] = PeerHandle(info, self.link)
         try:
-            reply = wire.decoder(wire.Health).decode(
+            reply = protocol.decoder(protocol.Health).decode(
                 await handle.call("Health", b"", self.health_timeout_s))
         except Exception as exc:  # any failure means "not healthy now"; the loop must go on
             self._drop(peer_id, f"{type(exc).__name__}: {exc}")
@@ -124,10 +125,10 @@ class Cluster:
             if info.node_id != self.id and info.node_id not in self._handles:
                 self._handles[info.node_id] = PeerHandle(info, self.link)
         await self.member.load_stage(prepare)
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
     async def _on_health(self, payload: bytes) -> bytes:
-        return wire.encode(wire.Health(self.info))
+        return protocol.encode(protocol.Health(self.info))
 
     # -- the ring -------------------------------------------------------------------------------
     def nodes(self) -> list[PeerInfo]:
@@ -137,19 +138,31 @@ class Cluster:
         return partition_by_memory(self.nodes(), n_layers)
 
     async def call(self, node_id: str, method: str, payload: bytes, timeout_s: float) -> bytes:
-        """One RPC; to this node itself it is a direct call (no network, no delay)."""
+        """One RPC; to this node itself it is a direct call (no network, no delay). A peer that
+        cannot be reached is a RingError: callers above see the ring's errors, not the transport's."""
         if node_id == self.id:
             with anyio.fail_after(timeout_s):
                 return await self.handlers[method](payload)
-        return await self._handle(node_id).call(method, payload, timeout_s)
+        handle = self._handle(node_id)
+        try:
+            return await handle.call(method, payload, timeout_s)
+        except PeerError as exc:
+            raise RingError(str(exc)) from exc
 
-    def stream(self, node_id: str, method: str, payload: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
-        return self._handle(node_id).stream(method, payload, idle_timeout_s)
+    async def stream(self, node_id: str, method: str, payload: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
+        """A peer's server stream; closing it early cancels the call. Failures as in `call`."""
+        handle = self._handle(node_id)
+        try:
+            async with aclosing(handle.stream(method, payload, idle_timeout_s)) as messages:
+                async for message in messages:
+                    yield message
+        except PeerError as exc:
+            raise RingError(str(exc)) from exc
 
     def _handle(self, node_id: str) -> PeerHandle:
         handle = self.peers.get(node_id) or self._handles.get(node_id)
         if handle is None:
-            raise PeerError(f"node {self.id} does not know how to reach node {node_id}")
+            raise RingError(f"node {self.id} does not know how to reach node {node_id}")
         return handle
 
     async def prepare(self, model_id: str, n_layers: int, ring: list[Stage]) -> None:
@@ -158,7 +171,7 @@ class Cluster:
         async with self._prepare_lock:
             if self._prepared == key:
                 return
-            payload = wire.encode(wire.Prepare(model_id, n_layers, ring, self.nodes()))
+            payload = protocol.encode(protocol.Prepare(model_id, n_layers, ring, self.nodes()))
             failures: list[str] = []
 
             async def one(stage: Stage) -> None:

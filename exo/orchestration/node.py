@@ -30,8 +30,8 @@ from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob
 from exo.inference.shard import Shard
 from exo.models import ModelRegistry
-from exo.networking import wire
 from exo.orchestration import counters as status
+from exo.orchestration import protocol
 from exo.orchestration.admission import (MAX_AUTO_LIVE, QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGate,
                                          AdmissionRejected, available_memory, max_live_from_memory)
 from exo.orchestration.cluster import Cluster
@@ -111,9 +111,9 @@ class Node:
         self.pass_timeout_s = pass_timeout_s
         self.draft_node = draft_node
         self.remote_outcomes: OrderedDict[str, RequestOutcome] = OrderedDict()  # requests served elsewhere
-        self._generate_decoder = wire.decoder(wire.GenerateRequest)
-        self._chunk_decoder = wire.decoder(wire.GenerateChunk)
-        self._status_decoder = wire.decoder(wire.OpaqueStatus)
+        self._generate_decoder = protocol.decoder(protocol.GenerateRequest)
+        self._chunk_decoder = protocol.decoder(protocol.GenerateChunk)
+        self._status_decoder = protocol.decoder(protocol.OpaqueStatus)
         self._size_caches()
 
     # -- models --------------------------------------------------------------------------
@@ -312,7 +312,8 @@ class Node:
     async def _generate_on(self, scheduler: str, shard: Shard, prompt: list[int], params: GenerationParams,
                            config: SpeculativeConfig, request_id: str) -> AsyncIterator[Block]:
         assert self.cluster is not None
-        request = wire.encode(wire.GenerateRequest(request_id, shard.model_id, list(prompt), params, config))
+        request = protocol.encode(protocol.GenerateRequest(request_id, shard.model_id, list(prompt), params,
+                                                           config))
         # The first chunk waits for the prompt's pass as well; later ones for one block each.
         stream = self.cluster.stream(scheduler, "Generate", request, self.pass_timeout_s * 2)
         async with aclosing(stream) as chunks:
@@ -340,21 +341,22 @@ class Node:
                                               request.request_id, here=True, logprobs=logprobs)) as blocks:
                 async for tokens in blocks:
                     entries = logprobs[len(logprobs) - len(tokens):] if request.params.logprobs is not None else None
-                    yield wire.encode(wire.GenerateChunk(tokens, entries))
+                    yield protocol.encode(protocol.GenerateChunk(tokens, entries))
         except ConfigError as exc:
-            yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind="config"))
+            yield protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind="config"))
             return
         except AdmissionRejected as exc:  # the API node answers its client 429 with it
-            yield wire.encode(wire.GenerateChunk(error=str(exc), error_kind=exc.reason,
-                                                 retry_after_s=exc.retry_after_s))
+            yield protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind=exc.reason,
+                                                         retry_after_s=exc.retry_after_s))
             return
         except Exception as exc:  # reported to the API node, which answers its client with it
             log.warning("request %s from a peer failed: %s", request.request_id, exc)
-            yield wire.encode(wire.GenerateChunk(error=f"{type(exc).__name__}: {exc}", error_kind="cluster"))
+            yield protocol.encode(protocol.GenerateChunk(error=f"{type(exc).__name__}: {exc}",
+                                                         error_kind="cluster"))
             return
         outcome = self.outcome(request.request_id)
-        yield wire.encode(wire.GenerateChunk(finish_reason=outcome.finish_reason if outcome else "stop",
-                                             metrics=outcome.metrics if outcome else None))
+        yield protocol.encode(protocol.GenerateChunk(finish_reason=outcome.finish_reason if outcome else "stop",
+                                                     metrics=outcome.metrics if outcome else None))
 
     def outcome(self, request_id: str) -> RequestOutcome | None:
         """How a request ended (None while unknown), wherever it was scheduled."""
@@ -403,7 +405,7 @@ class Node:
         self._fire_status(request_id, status)
         if self.cluster is None:
             return
-        payload = wire.encode(wire.OpaqueStatus(request_id, status))
+        payload = protocol.encode(protocol.OpaqueStatus(request_id, status))
 
         async def send(peer: str) -> None:
             try:
@@ -418,7 +420,7 @@ class Node:
     async def _on_status(self, payload: bytes) -> bytes:
         message = decode_message(self._status_decoder, payload)
         self._fire_status(message.request_id, message.status)
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
     def _fire_status(self, request_id: str, status: str) -> None:
         for callback in list(self.on_opaque_status):

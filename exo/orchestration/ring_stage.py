@@ -31,8 +31,9 @@ from anyio.abc import TaskGroup
 from exo.inference.engine import InferenceEngine, last_only
 from exo.inference.sampling import judge_rng
 from exo.inference.shard import Shard
-from exo.networking import wire
+from exo.inference.tensor_bytes import TensorBytes
 from exo.networking.grpc_transport import BadMessage
+from exo.orchestration import protocol
 from exo.speculative.events import EventBus, EventCodec, KVRollback, StageReport
 from exo.speculative.kv import KVRollbackError, rollback_to
 from exo.speculative.verifier import BlockJudge
@@ -107,7 +108,9 @@ class StageReports:
                              for rid in self.requests}}
 
 
-class RingMember:
+class RingStage:
+    """The handlers a ring member serves (Forward, Event, Release) and the passes they start."""
+
     def __init__(self, node_id: str, engine: InferenceEngine, send: Send, events: EventBus,
                  timeouts: RingTimeouts = RingTimeouts()):
         self.id, self.engine, self.send, self.events, self.timeouts = node_id, engine, send, events, timeouts
@@ -118,11 +121,11 @@ class RingMember:
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
         self.early_rollbacks = 0  # rollbacks that arrived before an earlier block's (held, then applied)
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
-        self._forward = wire.decoder(wire.Forward)
-        self._release = wire.decoder(wire.Release)
+        self._forward = protocol.decoder(protocol.Forward)
+        self._release = protocol.decoder(protocol.Release)
 
     # -- handlers (bytes in, bytes out) ----------------------------------------------------
-    async def load_stage(self, prepare: wire.Prepare) -> None:
+    async def load_stage(self, prepare: protocol.Prepare) -> None:
         stage = next((s for s in prepare.ring if s.node_id == self.id), None)
         if stage is None:
             raise BadMessage(f"node {self.id} is not in the ring it was asked to prepare")
@@ -137,7 +140,7 @@ class RingMember:
         if self.group is None:
             raise RingError(f"node {self.id} is not serving")
         self.group.start_soon(self._run_pass, forward)
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
     async def on_event(self, payload: bytes) -> bytes:
         event = self.codec.decode(payload)
@@ -145,15 +148,15 @@ class RingMember:
             raise BadMessage("malformed event")
         if isinstance(event, KVRollback) and event.block >= 0:
             self._apply_rollback(event)
-            return wire.encode(wire.Ack())
+            return protocol.encode(protocol.Ack())
         if isinstance(event, StageReport):
             self.reports.record(event)
         self.events.publish(event)
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
     async def on_release(self, payload: bytes) -> bytes:
         self.release(decode_message(self._release, payload).request_id)
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
     def release(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
@@ -164,16 +167,16 @@ class RingMember:
         self.engine.free_cache(request_id)
 
     # -- one pass through this stage --------------------------------------------------------
-    async def _run_pass(self, forward: wire.Forward) -> None:
+    async def _run_pass(self, forward: protocol.Forward) -> None:
         header = forward.header
         try:
             await self._compute(forward)
         except Exception as exc:  # reported to the origin, which fails the request with it
             log.warning("node %s: block %d of request %s failed: %s", self.id, header.seq, header.request_id, exc)
-            result = wire.Result(header.request_id, header.seq, self.id, error=f"{type(exc).__name__}: {exc}")
-            await self._deliver(header.origin, "Result", wire.encode(result))
+            result = protocol.Result(header.request_id, header.seq, self.id, error=f"{type(exc).__name__}: {exc}")
+            await self._deliver(header.origin, "Result", protocol.encode(result))
 
-    async def _compute(self, forward: wire.Forward) -> None:
+    async def _compute(self, forward: protocol.Forward) -> None:
         header, rid = forward.header, forward.header.request_id
         stage = header.ring[forward.hop]
         last = forward.hop == len(header.ring) - 1
@@ -201,8 +204,8 @@ class RingMember:
         compute = [*forward.compute, seconds]
         if not last:
             next_stage = header.ring[forward.hop + 1]
-            message = wire.Forward(header, forward.hop + 1, wire.TensorBytes.of(out), compute)
-            await self.send(next_stage.node_id, "Forward", wire.encode(message), self.timeouts.send_s)
+            message = protocol.Forward(header, forward.hop + 1, TensorBytes.of(out), compute)
+            await self.send(next_stage.node_id, "Forward", protocol.encode(message), self.timeouts.send_s)
             return
         result = self._judge(header, state, out, compute)
         state.applied = header.seq
@@ -213,9 +216,9 @@ class RingMember:
         for other in sorted({s.node_id for s in header.ring} - {self.id}):
             self._spawn_in_order(state, other, "Event", payload)
         self._report(state, header.seq, rid)
-        await self._deliver(header.origin, "Result", wire.encode(result))
+        await self._deliver(header.origin, "Result", protocol.encode(result))
 
-    async def _state_for(self, forward: wire.Forward, last: bool) -> StageState:
+    async def _state_for(self, forward: protocol.Forward, last: bool) -> StageState:
         header, rid = forward.header, forward.header.request_id
         stage = header.ring[forward.hop]
         if header.seq == 0:
@@ -241,22 +244,22 @@ class RingMember:
                             f"within {self.timeouts.rollback_wait_s:.0f} s; refusing block {header.seq}")
         return state
 
-    def _judge(self, header: wire.BlockHeader, state: StageState, out: np.ndarray | None,
-               compute: list[float]) -> wire.Result:
+    def _judge(self, header: protocol.BlockHeader, state: StageState, out: np.ndarray | None,
+               compute: list[float]) -> protocol.Result:
         assert state.judge is not None and state.rng is not None
         rid = header.request_id
         if header.seq == 0:
             first = state.judge.first(out[0, -1], state.rng, len(header.inputs))
-            return wire.Result(rid, 0, self.id, first.emitted, kept=first.kept, compute=compute,
-                               logprobs=first.logprobs)
+            return protocol.Result(rid, 0, self.id, first.emitted, kept=first.kept, compute=compute,
+                                   logprobs=first.logprobs)
         logits = None if out is None else out[0]
         width = logits.shape[-1] if logits is not None else state.judge.pending.shape[-1]
         probs = header.draft_probs.array() if header.draft_probs is not None else _one_hot(header.draft_tokens, width)
         verdict = state.judge.judge(logits, header.n_committed, header.draft_tokens, probs, state.rng,
                                     header.defer_bonus)
         rollback_to(self.engine, rid, verdict.kept)
-        return wire.Result(rid, header.seq, self.id, verdict.emitted, verdict.accepted, verdict.drafted,
-                           verdict.kept, verdict.deferred, compute, logprobs=verdict.logprobs)
+        return protocol.Result(rid, header.seq, self.id, verdict.emitted, verdict.accepted, verdict.drafted,
+                               verdict.kept, verdict.deferred, compute, logprobs=verdict.logprobs)
 
     def _release_abandoned(self) -> None:
         """Free requests whose origin never released them (it died, or this node was stalled
@@ -361,5 +364,5 @@ def _one_hot(tokens: list[int], width: int) -> np.ndarray:
     return rows
 
 
-def _label(stage, header: wire.BlockHeader) -> str:
+def _label(stage, header: protocol.BlockHeader) -> str:
     return f"{header.model_id}:{stage.start_layer}-{stage.end_layer}"

@@ -15,8 +15,8 @@ import anyio
 import numpy as np
 
 from exo.inference.generate import GenerationParams
-from exo.networking import wire
 from exo.networking.grpc_transport import BadMessage
+from exo.orchestration import protocol
 from exo.orchestration.ring_stage import RingError, Send, Spawn
 from exo.speculative.proposer import DraftBlock
 from exo.speculative.verifier import Verdict, block_inputs, expected_cache
@@ -28,7 +28,7 @@ log = logging.getLogger("exo.ring")
 @dataclass
 class _Waiter:
     done: anyio.Event = field(default_factory=anyio.Event)
-    result: wire.Result | None = None
+    result: protocol.Result | None = None
 
 
 class ResultInbox:
@@ -36,7 +36,7 @@ class ResultInbox:
 
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, int], _Waiter] = {}
-        self._decoder = wire.decoder(wire.Result)
+        self._decoder = protocol.decoder(protocol.Result)
         self.rejected = 0
 
     def expect(self, request_id: str, seq: int) -> _Waiter:
@@ -60,7 +60,7 @@ class ResultInbox:
             raise BadMessage(f"no pass waits for block {result.seq} of request {result.request_id}")
         waiter.result = result
         waiter.done.set()
-        return wire.encode(wire.Ack())
+        return protocol.encode(protocol.Ack())
 
 
 @dataclass
@@ -99,7 +99,7 @@ class RingVerifier:
                      defer_bonus: bool = False) -> Verdict:
         self.seq += 1
         inputs = [] if self.pending and not block.tokens else block_inputs(committed, block.tokens, self.pending)
-        probs = wire.SparseRows.of(block.probs) if block.tokens and self.params.temperature > 0 else None
+        probs = protocol.SparseRows.of(block.probs) if block.tokens and self.params.temperature > 0 else None
         result = await self._pass(expected_cache(len(committed), self.pending), inputs, len(committed),
                                   block.tokens, probs, defer_bonus)
         self.pending = result.deferred
@@ -107,14 +107,15 @@ class RingVerifier:
                        result.logprobs)
 
     async def _pass(self, start: int, inputs: list[int], n_committed: int, draft_tokens: list[int],
-                    probs: wire.SparseRows | None, defer_bonus: bool) -> wire.Result:
-        header = wire.BlockHeader(self.request_id, self.node_id, self.model_id, self.n_layers, self.ring, self.seq,
-                                  start, inputs, n_committed, self.params, list(draft_tokens), probs, defer_bonus)
+                    probs: protocol.SparseRows | None, defer_bonus: bool) -> protocol.Result:
+        header = protocol.BlockHeader(self.request_id, self.node_id, self.model_id, self.n_layers, self.ring,
+                                      self.seq, start, inputs, n_committed, self.params, list(draft_tokens), probs,
+                                      defer_bonus)
         hop = 0 if inputs else len(self.ring) - 1  # a held row is sampled by the last stage alone
         waiter = self.inbox.expect(self.request_id, self.seq)
         started = time.perf_counter()
         try:
-            await self.send(self.ring[hop].node_id, "Forward", wire.encode(wire.Forward(header, hop)),
+            await self.send(self.ring[hop].node_id, "Forward", protocol.encode(protocol.Forward(header, hop)),
                             self.send_timeout_s)
             with anyio.move_on_after(self.pass_timeout_s):
                 await waiter.done.wait()
@@ -136,6 +137,6 @@ class RingVerifier:
     async def close(self) -> None:
         """Free the request on every stage, in the background: a dead or stalled stage must not
         hold up the answer (its sender gives up after its own timeout)."""
-        release = wire.encode(wire.Release(self.request_id))
+        release = protocol.encode(protocol.Release(self.request_id))
         for stage in self.ring:
             self.spawn(stage.node_id, "Release", release)

@@ -13,9 +13,22 @@ taken from their neighbours, because a node in the ring with no layers would onl
 
 from __future__ import annotations
 
+from typing import Protocol, Sequence, TypeVar
+
 import msgspec
 
-from exo.networking.peer_info import PeerInfo
+
+class NodeMemory(Protocol):
+    """What partitioning needs to know of a node (the transport's `PeerInfo` is one)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def memory(self) -> int: ...  # bytes; 0 when the node does not report it
+
+
+N = TypeVar("N", bound=NodeMemory)
 
 
 class Stage(msgspec.Struct, frozen=True):
@@ -24,12 +37,12 @@ class Stage(msgspec.Struct, frozen=True):
     end_layer: int  # inclusive
 
 
-def ring_order(nodes: list[PeerInfo]) -> list[PeerInfo]:
+def ring_order(nodes: Sequence[N]) -> list[N]:
     """The ring every node agrees on: largest memory first, ties by node_id."""
     return sorted(nodes, key=lambda p: (-p.memory, p.node_id))
 
 
-def partition_by_memory(nodes: list[PeerInfo], n_layers: int) -> list[Stage]:
+def partition_by_memory(nodes: Sequence[NodeMemory], n_layers: int) -> list[Stage]:
     """Contiguous layer ranges in ring order, covering 0..n_layers-1 exactly, at least one each.
 
     Raises ValueError when no split is possible (no nodes, n_layers < 1, more nodes than

@@ -1,7 +1,9 @@
 """What travels between nodes: msgspec structs encoded as msgpack, tensors as raw bytes.
 
 Every message is versioned through its struct layout only: decoding validates types, and a
-payload that does not decode is rejected (and counted) by the receiver.
+payload that does not decode is rejected (and counted) by the receiver. These formats belong
+to the orchestration layer that speaks them; the transport (`exo.networking`) only moves the
+encoded bytes.
 """
 
 from __future__ import annotations
@@ -11,30 +13,13 @@ import numpy as np
 
 from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob
+from exo.inference.tensor_bytes import TensorBytes
 from exo.networking.peer_info import PeerInfo
 from exo.speculative.config import SpeculativeConfig
 from exo.speculative.metrics import MetricsSnapshot
 from exo.topology.partitioning import Stage
 
 WIRE_VERSION = 1
-
-
-class TensorBytes(msgspec.Struct, frozen=True):
-    dtype: str
-    shape: list[int]
-    data: bytes
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> "TensorBytes":
-        array = np.ascontiguousarray(array)
-        return cls(array.dtype.str, list(array.shape), array.tobytes())
-
-    def array(self) -> np.ndarray:
-        dtype = np.dtype(self.dtype)
-        expected = int(np.prod(self.shape)) * dtype.itemsize
-        if len(self.data) != expected:
-            raise ValueError(f"tensor payload has {len(self.data)} bytes, shape {self.shape} needs {expected}")
-        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
 
 
 class SparseRows(msgspec.Struct, frozen=True):
