@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import make_tiny_model
+from tests.helpers.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +44,45 @@ def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
     config["num_hidden_layers"] = 24
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+@pytest.fixture
+def mlx_engine():
+    """`mlx_engine()` opens an MLX engine for the test; every one is closed when the test ends."""
+    from exo.inference.mlx.engine import MLXInferenceEngine
+
+    opened = []
+
+    def open_engine() -> MLXInferenceEngine:
+        opened.append(MLXInferenceEngine())
+        return opened[-1]
+
+    yield open_engine
+    for engine in opened:
+        engine.close()
+
+
+@pytest.fixture
+def make_speculative():
+    """Builds speculative engines (MLX target and draft unless a test passes its own) and
+    closes every one it built, with both of its engines, when the test ends."""
+    from exo.inference.mlx.engine import MLXInferenceEngine
+    from exo.speculative.config import SpeculativeConfig
+    from exo.speculative.engine import SpeculativeInferenceEngine
+
+    built = []
+
+    def make(draft_model, target=None, draft=None, events=None, **config) -> SpeculativeInferenceEngine:
+        config.setdefault("enabled", True)
+        engine = SpeculativeInferenceEngine(target or MLXInferenceEngine(), draft or MLXInferenceEngine(),
+                                            SpeculativeConfig(draft_model=str(draft_model), **config),
+                                            events=events)
+        built.append(engine)
+        return engine
+
+    yield make
+    for engine in built:
+        engine.close()
 
 
 def pytest_sessionfinish(session, exitstatus):

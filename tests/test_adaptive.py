@@ -139,14 +139,12 @@ def clocked_engine(clock, per_call, per_token):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tmp_path, monkeypatch, pipelined):
+async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(make_speculative, tmp_path, monkeypatch, pipelined):
     """1,200 prompt tokens cost the draft 13 steps' worth: all of it is the prefill's."""
-    from tests.tiny_models import make_tiny_model
+    from tests.helpers.tiny_models import make_tiny_model
 
     tiny_llama = make_tiny_model(tmp_path / "tiny-llama-2k", "llama", layers=4, seed=1, context=2048)
     from exo.inference.generate import GenerationParams
-    from exo.speculative.config import SpeculativeConfig
-    from exo.speculative.engine import SpeculativeInferenceEngine
     from exo.speculative.pipeline import common, pipelined as pipelined_module, sequential
 
     clock = FakeClock()
@@ -154,9 +152,8 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(tmp_path, monk
         monkeypatch.setattr(module, "time", clock)
     draft_step, draft_token = 1.0, 0.01
     target, draft = clocked_engine(clock, 5.0, 0.1), clocked_engine(clock, draft_step, draft_token)
-    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama), draft_tokens=4, pipelined=pipelined,
-        acceptance_threshold=0.0))  # a random tiny model is never confident: judge K by costs alone
+    engine = make_speculative(tiny_llama, target=target, draft=draft, draft_tokens=4, pipelined=pipelined,
+                              acceptance_threshold=0.0)  # a random tiny model is never confident: costs alone
     shard = await engine.full_shard(str(tiny_llama))
     prompt = [(7 * i) % 250 + 1 for i in range(1200)]
     params = GenerationParams(max_tokens=40, temperature=0.0)

@@ -20,7 +20,7 @@ from exo.orchestration.admission import (QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGat
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
+from tests.helpers.api_server import running_api
 
 
 # -- the gate ---------------------------------------------------------------------------------

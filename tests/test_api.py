@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
+from tests.helpers.api_server import running_api
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.tinygrad.engine import TinygradInferenceEngine
 from exo.models import ModelRegistry, UnknownModelError
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
-from tests.tiny_models import make_tiny_model
+from tests.helpers.api_server import running_api
+from tests.helpers.tiny_models import make_tiny_model
 
 LIMITS = Limits(max_body_bytes=256 * 1024, max_json_depth=32, max_prompt_chars=20_000)
 CONTEXT = 512  # max_position_embeddings of the tiny test models

@@ -4,13 +4,10 @@ import anyio
 import pytest
 
 from exo.inference.generate import GenerationParams
-from exo.inference.mlx.engine import MLXInferenceEngine
-from exo.speculative.config import SpeculativeConfig
-from exo.speculative.engine import SpeculativeInferenceEngine
 from exo.speculative.events import (
     BlockVerified, EventBus, EventCodec, KVRollback, MetricsUpdate, SpeculationFallback,
 )
-from tests.test_speculative_engine import collect
+from tests.helpers.decoding import collect
 
 
 @pytest.mark.parametrize("event", [
@@ -48,10 +45,9 @@ async def test_slow_subscriber_never_blocks_and_counts_drops():
         assert received == [6, 7, 8, 9]
 
 
-async def test_generation_publishes_metrics_while_subscriber_sleeps(tiny_llama):
+async def test_generation_publishes_metrics_while_subscriber_sleeps(make_speculative, tiny_llama):
     bus = EventBus(capacity=8)
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama), pipelined=True), events=bus)
+    engine = make_speculative(tiny_llama, pipelined=True, events=bus)
     shard = await engine.full_shard(str(tiny_llama))
     updates = []
 

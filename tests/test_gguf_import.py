@@ -16,7 +16,7 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.sources import ModelSourceError, ModelStore
 from exo.inference.sources.gguf_import import GGUFImportError, convert_gguf
 from exo.inference.tokenizer import load_tokenizer
-from tests.gguf_reference import native_gguf_llama_logits
+from tests.helpers.gguf_reference import native_gguf_llama_logits
 
 PROMPT = "The quick brown fox jumps over the lazy dog near the river"
 

@@ -3,17 +3,16 @@
 import numpy as np
 import pytest
 
-from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.shard import Shard
 from exo.speculative.kv import KVRollbackError, rollback_to
 
 
 @pytest.mark.parametrize("parts", [1, 2])
-async def test_random_accept_reject_sequences(tiny_llama, parts):
+async def test_random_accept_reject_sequences(mlx_engine, tiny_llama, parts):
     whole = Shard.full(str(tiny_llama), 4)
     shards = whole.split(parts)
-    engines = [MLXInferenceEngine() for _ in shards]
-    fresh = MLXInferenceEngine()
+    engines = [mlx_engine() for _ in shards]
+    fresh = mlx_engine()
     rng = np.random.default_rng(11)
     sequence: list[int] = []
     for step in range(40):
@@ -39,8 +38,8 @@ async def test_random_accept_reject_sequences(tiny_llama, parts):
         assert all(engine.cache_offset("fuzz") == len(sequence) for engine in engines)
 
 
-async def test_rollback_beyond_cache_raises(tiny_llama):
-    engine = MLXInferenceEngine()
+async def test_rollback_beyond_cache_raises(mlx_engine, tiny_llama):
+    engine = mlx_engine()
     shard = Shard.full(str(tiny_llama), 4)
     await engine.infer_tensor("r", shard, np.asarray([[1, 2, 3]]))
     with pytest.raises(KVRollbackError):

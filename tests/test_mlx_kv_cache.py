@@ -6,15 +6,14 @@ import uuid
 import numpy as np
 import pytest
 
-from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.shard import Shard
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_qwen2", "smollm2_dir"])
-async def test_token_by_token_equals_whole_sequence(request, model_fixture):
+async def test_token_by_token_equals_whole_sequence(mlx_engine, request, model_fixture):
     model_dir = request.getfixturevalue(model_fixture)
     shard = Shard.full(str(model_dir), json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
-    engine = MLXInferenceEngine()
+    engine = mlx_engine()
     tokens = np.random.default_rng(3).integers(0, 300, size=12).tolist()
     whole, _ = await engine.infer_tensor("whole", shard, np.asarray([tokens]))
     steps = [(await engine.infer_tensor("steps", shard, np.asarray([[t]])))[0][0, -1] for t in tokens]
@@ -22,9 +21,9 @@ async def test_token_by_token_equals_whole_sequence(request, model_fixture):
     assert engine.cache_offset("steps") == engine.cache_offset("whole") == len(tokens)
 
 
-async def test_trim_then_continue_matches_fresh(tiny_llama):
+async def test_trim_then_continue_matches_fresh(mlx_engine, tiny_llama):
     shard = Shard.full(str(tiny_llama), 4)
-    engine = MLXInferenceEngine()
+    engine = mlx_engine()
     rid = uuid.uuid4().hex
     await engine.infer_tensor(rid, shard, np.asarray([[5, 6, 7, 8, 9]]))
     engine.trim_cache(rid, 3)

@@ -6,7 +6,6 @@ import uuid
 import numpy as np
 import pytest
 
-from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.shard import Shard
 
 
@@ -23,12 +22,12 @@ async def run_chain(engines, shards, request_id, tokens):
 
 @pytest.mark.parametrize("model_fixture,parts", [("tiny_llama", 2), ("tiny_llama", 3), ("tiny_qwen2", 3),
                                                  ("smollm2_dir", 3)])
-async def test_sharded_equals_whole(request, model_fixture, parts):
+async def test_sharded_equals_whole(mlx_engine, request, model_fixture, parts):
     model_dir = request.getfixturevalue(model_fixture)
     whole = Shard.full(str(model_dir), n_layers(model_dir))
     shards = whole.split(parts)
-    reference = MLXInferenceEngine()
-    engines = [MLXInferenceEngine() for _ in shards]
+    reference = mlx_engine()
+    engines = [mlx_engine() for _ in shards]
     rid = uuid.uuid4().hex
     rng = np.random.default_rng(0)
     vocab = 300
@@ -42,8 +41,8 @@ async def test_sharded_equals_whole(request, model_fixture, parts):
         assert [e.cache_offset(rid) for e in engines] == [reference.cache_offset(rid)] * len(engines)
 
 
-async def test_shard_loads_only_its_layers(tiny_llama):
-    engine = MLXInferenceEngine()
+async def test_shard_loads_only_its_layers(mlx_engine, tiny_llama):
+    engine = mlx_engine()
     middle = Shard(str(tiny_llama), 1, 2, 4)
     await engine.ensure_shard(middle)
     assert len(engine.model.layers) == 2

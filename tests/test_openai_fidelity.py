@@ -18,7 +18,7 @@ from mlx_lm import load as mlx_lm_load
 from exo.api.logprobs import TokenText
 from exo.devtools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
+from tests.helpers.api_server import running_api
 
 TOL = 1e-3  # float32 forward passes of different shapes (one row vs a block) differ by rounding
 

@@ -10,9 +10,7 @@ import pytest
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.process_engine import EngineProcessError, ProcessInferenceEngine
-from exo.speculative.config import SpeculativeConfig
-from exo.speculative.engine import SpeculativeInferenceEngine
-from tests.test_speculative_engine import collect, plain_tokens
+from tests.helpers.decoding import collect, plain_tokens
 
 
 class CheckedEngine(MLXInferenceEngine):
@@ -48,14 +46,18 @@ class CheckedEngine(MLXInferenceEngine):
         super().free_cache(request_id)
         self.held.pop(request_id, None)
 
+    def close(self):
+        super().close()
+        self.reference.close()
+
 
 @pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-async def test_forced_rejections_keep_both_caches_exact(tiny_llama, tiny_llama_other, pipelined, temperature):
+async def test_forced_rejections_keep_both_caches_exact(make_speculative, tiny_llama, tiny_llama_other, pipelined,
+                                                        temperature):
     target, draft = CheckedEngine(), CheckedEngine()
-    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama_other), draft_tokens=3, adaptive_speculation=False,
-        acceptance_threshold=0, pipelined=pipelined))
+    engine = make_speculative(tiny_llama_other, target=target, draft=draft, draft_tokens=3,
+                              adaptive_speculation=False, acceptance_threshold=0, pipelined=pipelined)
     shard = await engine.full_shard(str(tiny_llama))
     params = GenerationParams(max_tokens=30, temperature=temperature, seed=4)
     got = await collect(engine.generate(shard, [3, 1, 4, 1, 5], params, eos_ids=frozenset()))
@@ -67,9 +69,8 @@ async def test_forced_rejections_keep_both_caches_exact(tiny_llama, tiny_llama_o
         assert got == await plain_tokens(tiny_llama, [3, 1, 4, 1, 5], params)
 
 
-async def test_cancelling_mid_request_leaks_nothing(tiny_llama, tiny_llama_other):
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(), SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama_other), pipelined=True))
+async def test_cancelling_mid_request_leaks_nothing(make_speculative, tiny_llama, tiny_llama_other):
+    engine = make_speculative(tiny_llama_other, pipelined=True)
     shard = await engine.full_shard(str(tiny_llama))
     params = GenerationParams(max_tokens=200, temperature=0.0)
     await collect(engine.generate(shard, [1, 2], GenerationParams(max_tokens=3), eos_ids=frozenset()))  # warm
@@ -104,10 +105,9 @@ class BrokenTarget(MLXInferenceEngine):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_target_failure_is_one_clear_error_and_engine_recovers(tiny_llama, pipelined):
+async def test_target_failure_is_one_clear_error_and_engine_recovers(make_speculative, tiny_llama, pipelined):
     target = BrokenTarget()
-    engine = SpeculativeInferenceEngine(target, MLXInferenceEngine(), SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama), pipelined=pipelined))
+    engine = make_speculative(tiny_llama, target=target, pipelined=pipelined)
     shard = await engine.full_shard(str(tiny_llama))
     stream = engine.generate(shard, [1, 2, 3], GenerationParams(max_tokens=40), eos_ids=frozenset())
     with pytest.raises(RuntimeError, match="target device lost"):
@@ -119,20 +119,16 @@ async def test_target_failure_is_one_clear_error_and_engine_recovers(tiny_llama,
 
 
 @pytest.mark.integration
-async def test_draft_and_target_in_pinned_processes(tiny_llama, tiny_llama_other):
+async def test_draft_and_target_in_pinned_processes(make_speculative, tiny_llama, tiny_llama_other):
     target = ProcessInferenceEngine(cpus=[0])
     draft = ProcessInferenceEngine(cpus=[1] if len(__import__("os").sched_getaffinity(0)) > 1 else [0])
-    engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama_other), pipelined=True, draft_tokens=3))
-    try:
-        shard = await engine.full_shard(str(tiny_llama))
-        params = GenerationParams(max_tokens=20)
-        got = await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()))
-        assert got == await plain_tokens(tiny_llama, [5, 5, 5], params)
-        with pytest.raises(EngineProcessError, match="died"):
-            async for _ in engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()):
-                target._process.kill()  # the target's machine goes away mid-request
-        # The next request starts a fresh engine process and is served correctly.
-        assert await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset())) == got
-    finally:
-        engine.close()
+    engine = make_speculative(tiny_llama_other, target=target, draft=draft, pipelined=True, draft_tokens=3)
+    shard = await engine.full_shard(str(tiny_llama))
+    params = GenerationParams(max_tokens=20)
+    got = await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()))
+    assert got == await plain_tokens(tiny_llama, [5, 5, 5], params)
+    with pytest.raises(EngineProcessError, match="died"):
+        async for _ in engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()):
+            target._process.kill()  # the target's machine goes away mid-request
+    # The next request starts a fresh engine process and is served correctly.
+    assert await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset())) == got

@@ -9,8 +9,8 @@ import pytest
 
 from exo.api.prometheus import Family, render
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
-from tests.prometheus_text import ExpositionError, parse, value
+from tests.helpers.api_server import running_api
+from tests.helpers.prometheus_text import ExpositionError, parse, value
 
 EXPECTED = {
     "exo_node_info": "gauge",

@@ -10,8 +10,8 @@ import pytest
 
 from exo.devtools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
-from tests.api_server import running_api
-from tests.tiny_models import make_slow_twin
+from tests.helpers.api_server import running_api
+from tests.helpers.tiny_models import make_slow_twin
 
 pytestmark = pytest.mark.integration  # real node processes on loopback
 

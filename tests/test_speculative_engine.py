@@ -1,35 +1,25 @@
 """Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
 
+import anyio
 import numpy as np
 import pytest
 
-from exo.inference.generate import GenerationParams, generate_plain
+from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.speculative.config import ConfigError, SpeculativeConfig
-from exo.speculative.engine import SpeculativeInferenceEngine
+from tests.helpers.decoding import collect, plain_tokens
 
 
-async def collect(stream) -> list[int]:
-    out: list[int] = []
-    async for tokens in stream:
-        out.extend(tokens)
-    return out
+@pytest.fixture
+def speculative(make_speculative):
+    """A loaded speculative engine over MLX target and draft (closed when the test ends)."""
+    async def build(target_dir, draft_dir, **config):
+        engine = make_speculative(draft_dir, **config)
+        shard = await engine.full_shard(str(target_dir))
+        await engine.ensure_shard(shard)
+        return engine, shard
 
-
-async def plain_tokens(model_dir, prompt, params) -> list[int]:
-    engine = MLXInferenceEngine()
-    shard = await engine.full_shard(str(model_dir))
-    await engine.ensure_shard(shard)
-    return await collect(generate_plain(engine, shard, prompt, params, frozenset()))
-
-
-async def speculative(target_dir, draft_dir, **config):
-    config.setdefault("enabled", True)
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
-                                        SpeculativeConfig(draft_model=str(draft_dir), **config))
-    shard = await engine.full_shard(str(target_dir))
-    await engine.ensure_shard(shard)
-    return engine, shard
+    return build
 
 
 PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72)), [7]]
@@ -40,7 +30,7 @@ PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72)), [7]]
 @pytest.mark.parametrize("config", [dict(draft_tokens=4, adaptive_speculation=False, acceptance_threshold=0),
                                     dict(draft_tokens=3), dict(draft_tokens=6, max_speculation_depth=6,
                                                                acceptance_threshold=0.5)])
-async def test_greedy_identical_to_plain_tiny(request, tiny_llama, draft, config, pipelined):
+async def test_greedy_identical_to_plain_tiny(request, tiny_llama, draft, config, pipelined, speculative):
     draft_dir = request.getfixturevalue(draft)
     params = GenerationParams(max_tokens=24, temperature=0.0)
     engine, shard = await speculative(tiny_llama, draft_dir, pipelined=pipelined, **config)
@@ -58,7 +48,7 @@ async def test_greedy_identical_to_plain_tiny(request, tiny_llama, draft, config
 
 @pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-async def test_same_model_as_draft_accepts_everything(tiny_llama, temperature, pipelined):
+async def test_same_model_as_draft_accepts_everything(tiny_llama, temperature, pipelined, speculative):
     engine, shard = await speculative(tiny_llama, tiny_llama, draft_tokens=4, adaptive_speculation=False,
                                       acceptance_threshold=0, pipelined=pipelined)
     params = GenerationParams(max_tokens=40, temperature=temperature, seed=3)
@@ -72,7 +62,7 @@ async def test_same_model_as_draft_accepts_everything(tiny_llama, temperature, p
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_greedy_identical_on_smollm2_with_early_exit_draft(smollm2_dir, smollm2_early_exit, pipelined):
+async def test_greedy_identical_on_smollm2_with_early_exit_draft(smollm2_dir, smollm2_early_exit, pipelined, speculative):
     engine, shard = await speculative(smollm2_dir, smollm2_early_exit, draft_tokens=4, pipelined=pipelined)
     tokenizer = engine.tokenizer
     params = GenerationParams(max_tokens=40, temperature=0.0)
@@ -100,11 +90,9 @@ class FailingDraft(MLXInferenceEngine):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_draft_failure_mid_request_falls_back_to_plain(tiny_llama, tiny_llama_other, pipelined):
+async def test_draft_failure_mid_request_falls_back_to_plain(make_speculative, tiny_llama, pipelined):
     params = GenerationParams(max_tokens=30, temperature=0.0)
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), FailingDraft(fail_after=5),
-                                        SpeculativeConfig(enabled=True, draft_model=str(tiny_llama),
-                                                          pipelined=pipelined))
+    engine = make_speculative(tiny_llama, draft=FailingDraft(fail_after=5), pipelined=pipelined)
     shard = await engine.full_shard(str(tiny_llama))
     got = await collect(engine.generate(shard, [5, 6, 7], params, eos_ids=frozenset()))
     assert got == await plain_tokens(tiny_llama, [5, 6, 7], params)
@@ -113,10 +101,9 @@ async def test_draft_failure_mid_request_falls_back_to_plain(tiny_llama, tiny_ll
     assert len(got) == 30
 
 
-async def test_draft_that_cannot_load_serves_plain_and_retries(tiny_llama, tmp_path):
+async def test_draft_that_cannot_load_serves_plain_and_retries(make_speculative, tiny_llama, tmp_path):
     params = GenerationParams(max_tokens=10, temperature=0.0)
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
-                                        SpeculativeConfig(enabled=True, draft_model=str(tmp_path / "missing")))
+    engine = make_speculative(tmp_path / "missing")
     shard = await engine.full_shard(str(tiny_llama))
     got = await collect(engine.generate(shard, [5, 6, 7], params, eos_ids=frozenset()))
     assert got == await plain_tokens(tiny_llama, [5, 6, 7], params)
@@ -125,22 +112,22 @@ async def test_draft_that_cannot_load_serves_plain_and_retries(tiny_llama, tmp_p
     assert engine.draft_load_failures == 1  # inside the backoff window: no immediate retry
 
 
-async def test_incompatible_tokenizer_is_refused(tiny_llama, smollm2_dir):
-    engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
-                                        SpeculativeConfig(enabled=True, draft_model=str(tiny_llama)))
+async def test_incompatible_tokenizer_is_refused(make_speculative, tiny_llama, smollm2_dir):
+    engine = make_speculative(tiny_llama)
     shard = await engine.full_shard(str(smollm2_dir))
     with pytest.raises(ConfigError, match="different tokenizers"):
         await engine.ensure_shard(shard)
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny_llama_other, pipelined):
+async def test_joint_distribution_through_engine_matches_target(mlx_engine, tiny_llama, tiny_llama_other, pipelined,
+                                                                speculative):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
     from exo.speculative.sampling import warp
 
     prompt = [10, 20, 30]
     params = dict(temperature=1.0, top_k=3)
-    target = MLXInferenceEngine()
+    target = mlx_engine()
     shard = await target.full_shard(str(tiny_llama))
 
     async def dist(prefix):
@@ -160,10 +147,17 @@ async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny
                                       acceptance_threshold=0, pipelined=pipelined)
     trials = 2000
     counts = dict.fromkeys(expected, 0)
-    for seed in range(trials):
-        out = await collect(engine.generate(shard, prompt, GenerationParams(max_tokens=3, seed=seed, **params),
-                                            eos_ids=frozenset()))
+    limiter = anyio.CapacityLimiter(8)  # concurrent requests keep both engines' threads busy
+
+    async def sample(seed):
+        async with limiter:
+            out = await collect(engine.generate(shard, prompt, GenerationParams(max_tokens=3, seed=seed, **params),
+                                                eos_ids=frozenset()))
         counts[tuple(out)] += 1  # a KeyError here means a token outside the target's support
+
+    async with anyio.create_task_group() as group:
+        for seed in range(trials):
+            group.start_soon(sample, seed)
     tv = 0.5 * sum(abs(counts[key] / trials - p) for key, p in expected.items())
     assert len(expected) == 27
     assert tv < 0.08, tv
@@ -172,7 +166,7 @@ async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_last_block_is_capped_and_metrics_count_what_was_emitted(tiny_llama, pipelined):
+async def test_last_block_is_capped_and_metrics_count_what_was_emitted(tiny_llama, pipelined, speculative):
     """max_tokens 7, a same-model draft, K = 4: the second block drafts only what fits."""
     engine, shard = await speculative(tiny_llama, tiny_llama, draft_tokens=4, adaptive_speculation=False,
                                       pipelined=pipelined)
@@ -189,7 +183,7 @@ async def test_last_block_is_capped_and_metrics_count_what_was_emitted(tiny_llam
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_metrics_stop_at_an_eos_inside_a_block(tiny_llama, pipelined):
+async def test_metrics_stop_at_an_eos_inside_a_block(tiny_llama, pipelined, speculative):
     params = GenerationParams(max_tokens=40, temperature=0.0)
     plain = await plain_tokens(tiny_llama, [1, 2, 3], params)
     width = 4 if pipelined else 5  # tokens a fully accepted K = 4 block emits
@@ -212,7 +206,7 @@ async def test_metrics_stop_at_an_eos_inside_a_block(tiny_llama, pipelined):
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_fixed_k_drafts_k_every_block_whatever_the_threshold(tiny_llama, tiny_llama_other, pipelined):
+async def test_fixed_k_drafts_k_every_block_whatever_the_threshold(tiny_llama, tiny_llama_other, pipelined, speculative):
     # A random draft is rarely 99 % sure: adaptive drafting would cut most blocks short.
     engine, shard = await speculative(tiny_llama, tiny_llama_other, draft_tokens=3, adaptive_speculation=False,
                                       acceptance_threshold=0.99, pipelined=pipelined)

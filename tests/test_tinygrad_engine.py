@@ -23,7 +23,8 @@ from exo.inference.tinygrad.config import ModelConfig, rope_inverse_frequencies
 from exo.inference.tinygrad.engine import TinygradInferenceEngine
 from exo.speculative.config import SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
-from tests.tiny_models import make_tiny_model
+from tests.helpers.decoding import collect
+from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration  # tinygrad compiles kernels
 
@@ -199,10 +200,6 @@ async def test_sharded_chain_equals_whole(request, pairs, model_fixture, parts):
         pair.tiny.free_cache(rid)
         for engine in engines:
             engine.close()
-
-
-async def collect(stream) -> list[int]:
-    return [t async for block in stream for t in block]
 
 
 PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72))]

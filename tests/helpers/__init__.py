@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models, a live API server, decoding references, parsers."""
