@@ -1,5 +1,9 @@
 """The per-request KV cache table an engine keeps: bounded, and never evicting a live request.
 
+Each backend keeps its own cache representation behind `RequestCache` (how many positions it
+holds, and an exact trim); the table owns what is common: `offset` and the bounds check of
+`trim` (the engine contract, stated on `InferenceEngine`).
+
 A cache that disappears under a request that is still generating makes its next step fail
 ("cannot keep 36 tokens, cache holds 1"). So the bound is an admission bound: when the table
 is full, only caches of requests the owner reports as finished (`is_live` false) are dropped,
@@ -15,16 +19,29 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
 log = logging.getLogger("exo.inference")
-C = TypeVar("C")
 
 DEFAULT_CAPACITY = 16
 
 
 class CacheTableFull(RuntimeError):
     """Every slot of the table holds a live request's cache; the new request cannot start."""
+
+
+class RequestCache(Protocol):
+    """One request's KV cache as a backend represents it."""
+
+    @property
+    def offset(self) -> int:
+        """Positions the cache holds."""
+
+    def trim(self, n_tokens: int) -> None:
+        """Drop the last `n_tokens` positions (0 < n_tokens <= offset) exactly, or raise."""
+
+
+C = TypeVar("C", bound=RequestCache)
 
 
 class CacheTable(Generic[C]):
@@ -64,6 +81,21 @@ class CacheTable(Generic[C]):
             self._entries.pop(rid, None)
             self.evicted += 1
             log.info("dropped the KV cache of finished request %s to make room", rid)
+
+    def offset(self, request_id: str) -> int:
+        """Positions the request's cache holds (0 if it has none)."""
+        entry = self._entries.get(request_id)
+        return entry.offset if entry is not None else 0
+
+    def trim(self, request_id: str, n_tokens: int) -> None:
+        """Drop the request's last `n_tokens` exactly; a count it does not hold raises
+        ValueError before anything changes."""
+        if n_tokens == 0:
+            return
+        held = self.offset(request_id)
+        if n_tokens < 0 or n_tokens > held:
+            raise ValueError(f"cannot trim {n_tokens} tokens from request {request_id!r} holding {held}")
+        self._entries[request_id].trim(n_tokens)
 
     # -- a read-mostly mapping -------------------------------------------------------------
     def get(self, request_id: str) -> C | None:

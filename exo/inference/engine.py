@@ -53,7 +53,26 @@ def context_of(config: dict) -> int | None:
 
 
 class InferenceEngine(ABC):
-    """One engine instance holds one model shard; KV caches live per request id."""
+    """One engine instance holds one model shard; KV caches live per request id.
+
+    The contract every engine keeps (stated here once):
+
+    - Per-request offsets: each request id has its own KV cache. `cache_offset` is the number
+      of positions it holds (0 for a request never seen, or freed); `infer_tensor` runs its
+      input at that offset and advances it by the input's length. A refused input (wrong
+      shape, batch size other than 1, past the context) leaves the offset unchanged.
+    - Trim exact or raise: `trim_cache(rid, n)` drops exactly the last `n` positions, or
+      raises (ValueError for `n < 0` or more than the cache holds, before anything changes);
+      `n == 0` does nothing.
+    - Free is idempotent: `free_cache` forgets the request's cache; freeing a request twice,
+      or one never seen, does nothing, and a forward of it that was still queued does not
+      bring the cache back.
+    - Thread confinement: model calls run off the event loop on the engine's own worker
+      (a thread or a process), one at a time; `cache_offset`, `trim_cache` and `free_cache`
+      are quick synchronous calls made between a request's forwards, never during one.
+    - `close` releases the worker; a closed engine is not used again (the in-process engines
+      refuse every further model call with RuntimeError).
+    """
 
     name: str = ""  # backend name as `--inference-engine` spells it
     shard: Shard | None = None
@@ -108,7 +127,7 @@ class InferenceEngine(ABC):
 
     @abstractmethod
     def trim_cache(self, request_id: str, n_tokens: int) -> None:
-        """Drop the last `n_tokens` from the request's KV cache exactly, or raise."""
+        """Drop the request's last `n_tokens` positions (exactly, or raise)."""
 
     @abstractmethod
     def free_cache(self, request_id: str) -> None:

@@ -17,6 +17,7 @@ from mlx_lm.models import llama, qwen2
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 
+from exo.inference.engine import context_of
 from exo.inference.shard import Shard, place_checkpoint_key
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "mistral": llama}
@@ -39,6 +40,7 @@ class ShardedModel(nn.Module):
         if args.num_hidden_layers != shard.n_layers:
             raise ValueError(f"{shard} does not match the model's {args.num_hidden_layers} layers")
         self.shard = shard
+        self.max_context = context_of(config)  # the window its config declares (None: unknown)
         self.tied = bool(getattr(args, "tie_word_embeddings", False))
         if shard.is_first_layer() or (shard.is_last_layer() and self.tied):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
