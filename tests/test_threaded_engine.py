@@ -11,7 +11,7 @@ from exo.inference.cache_table import CacheTableFull
 from exo.inference.engine import ContextLengthError
 from exo.inference.shard import Shard
 from exo.inference.threaded import ThreadedEngine
-from tests.tiny_models import write_byte_tokenizer
+from tests.helpers.tiny_models import write_byte_tokenizer
 
 SHARD = Shard.full("toy", 1)
 
