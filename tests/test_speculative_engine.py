@@ -9,10 +9,12 @@ from exo.speculative.config import ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 
 
-async def collect(stream) -> list[int]:
+async def collect(generation) -> list[int]:
+    """Every token of an `engine.generate(...)` request."""
     out: list[int] = []
-    async for tokens in stream:
-        out.extend(tokens)
+    async with generation as blocks:
+        async for tokens in blocks:
+            out.extend(tokens)
     return out
 
 
@@ -20,7 +22,7 @@ async def plain_tokens(model_dir, prompt, params) -> list[int]:
     engine = MLXInferenceEngine()
     shard = await engine.full_shard(str(model_dir))
     await engine.ensure_shard(shard)
-    return await collect(generate_plain(engine, shard, prompt, params, frozenset()))
+    return [token async for tokens in generate_plain(engine, shard, prompt, params, frozenset()) for token in tokens]
 
 
 async def speculative(target_dir, draft_dir, **config):
@@ -136,7 +138,7 @@ async def test_incompatible_tokenizer_is_refused(tiny_llama, smollm2_dir):
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_joint_distribution_through_engine_matches_target(tiny_llama, tiny_llama_other, pipelined):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
-    from exo.speculative.sampling import warp
+    from exo.inference.sampling import warp
 
     prompt = [10, 20, 30]
     params = dict(temperature=1.0, top_k=3)

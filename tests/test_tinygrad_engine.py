@@ -205,6 +205,12 @@ async def collect(stream) -> list[int]:
     return [t async for block in stream for t in block]
 
 
+async def speculative_tokens(generation) -> list[int]:
+    """Every token of an `engine.generate(...)` request."""
+    async with generation as blocks:
+        return await collect(blocks)
+
+
 PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72))]
 
 
@@ -226,7 +232,7 @@ async def test_speculative_greedy_identical_to_plain(request, pairs, tiny_llama,
         await engine.ensure_shard(shard)
         for prompt in PROMPTS:
             expected = await collect(generate_plain(pair.mlx, pair.shard, prompt, params))
-            got = await collect(engine.generate(shard, prompt, params, eos_ids=frozenset()))
+            got = await speculative_tokens(engine.generate(shard, prompt, params, eos_ids=frozenset()))
             assert got == expected
         metrics = engine.get_metrics()
         assert metrics["drafted_tokens"] > 0
@@ -252,7 +258,8 @@ async def test_speculative_on_smollm2_through_tinygrad_with_mlx_draft(pairs, smo
         for text in ["def fibonacci(n):"]:
             prompt = engine.tokenizer.encode(text)
             expected = await collect(generate_plain(pair.mlx, pair.shard, prompt, params))
-            got = await collect(engine.generate(shard=pair.shard, prompt=prompt, params=params, eos_ids=frozenset()))
+            got = await speculative_tokens(engine.generate(shard=pair.shard, prompt=prompt, params=params,
+                                                           eos_ids=frozenset()))
             assert got == expected, (text, engine.tokenizer.decode(got), engine.tokenizer.decode(expected))
         assert 0.0 < engine.get_metrics()["acceptance_rate"] < 1.0
     finally:
@@ -291,7 +298,7 @@ async def test_processes_placement_hosts_tinygrad_and_mixes_engines(pairs, tiny_
         shard = await engine.full_shard(str(tiny_llama))
         await engine.ensure_shard(shard)
         expected = await collect(generate_plain(pairs("tiny_llama").mlx, shard, PROMPTS[1], params))
-        got = await collect(engine.generate(shard, PROMPTS[1], params, eos_ids=frozenset()))
+        got = await speculative_tokens(engine.generate(shard, PROMPTS[1], params, eos_ids=frozenset()))
         assert got == expected
         assert engine.get_metrics()["acceptance_rate"] == 1.0
     finally:

@@ -15,18 +15,16 @@ the output without passing the verifier against the committed sequence.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import anyio
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from exo.inference.sampling import draft_rng, judge_rng
+from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -46,56 +44,25 @@ class SideTimes:
     idle: float = 0.0
 
 
-async def run_pipelined(request: SpeculativeRequest, verifier: Verifier,
-                        proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
-    """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
+async def run_pipelined(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
+                        out: ObjectSendStream[list[int]]) -> None:
+    """Send each verified block's emitted tokens to `out`, drafting and verifying concurrently."""
     rng = judge_rng(request.params.seed)
     committed = await request.prefill(verifier, rng, proposer)
-    yield committed[len(request.prompt):]
+    await out.send(committed[len(request.prompt):])
     if request.finish_reason is not None:
         return
     proposer = await request.prefill_draft(proposer)
-    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_pipeline, request, verifier, proposer, committed, rng,
-                             draft_rng(request.params.seed), out_send)
-            async with out_recv:
-                async for tokens in out_recv:
-                    yield tokens
-    except BaseExceptionGroup as group_error:
-        raise single_error(group_error) from None
-
-
-def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The one real failure inside (nested) task-group errors, so callers see a plain error."""
-    leaves: list[BaseException] = []
-
-    def walk(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                walk(inner)
-        else:
-            leaves.append(error)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
-    return (real or leaves)[0]
-
-
-async def _pipeline(request: SpeculativeRequest, verifier: Verifier, proposer: DraftProposer | None,
-                    committed: list[int], rng: np.random.Generator, draft_rng: np.random.Generator,
-                    out_send: ObjectSendStream[list[int]]) -> None:
     block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
     verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
     times = {"draft": SideTimes(), "verify": SideTimes()}
-    async with out_send, anyio.create_task_group() as group:
+    async with anyio.create_task_group() as group:
         if proposer is not None:
-            group.start_soon(_drafter, request, proposer, list(committed), draft_rng, block_send, verdict_recv,
-                             times["draft"])
+            group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
+                             block_send, verdict_recv, times["draft"])
         else:
             block_send.close()
-        await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
+        await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out, times["verify"])
         group.cancel_scope.cancel()  # the request is finished: stop drafting at once
     request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
     request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
@@ -118,7 +85,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                 except anyio.EndOfStream:
                     drafts_open = False  # the drafter is gone: plain decoding from here
             if block is None:
-                block = DraftBlock([], np.zeros((0, 0)), len(committed), epoch)
+                block = DraftBlock([], None, len(committed), epoch)
             elif block.epoch != epoch:
                 continue  # drafted before the last divergence: never verified, never emitted
             started = time.perf_counter()
@@ -143,7 +110,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                     drafts_open = False  # the drafter failed after sending this block
 
 
-async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committed: list[int],
+async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: list[int],
                    rng: np.random.Generator, blocks: ObjectSendStream[DraftBlock],
                    verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes) -> None:
     rid = request.request_id
@@ -190,7 +157,7 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                 if k == 0:
                     # Speculation does not pay right now: ask for one plain step and wait for it
                     # rather than burn shared compute and memory bandwidth on doomed drafts.
-                    plain = DraftBlock([], np.zeros((0, 0)), len(sequence), epoch)
+                    plain = DraftBlock([], None, len(sequence), epoch)
                     in_flight.append(0)
                     await blocks.send(plain)
                     waited = time.perf_counter()

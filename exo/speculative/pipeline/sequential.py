@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import AsyncIterator
 
-import numpy as np
+from anyio.abc import ObjectSendStream
 
 from exo.inference.sampling import draft_rng, judge_rng
-
+from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
 
 
-async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
-                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
-    """Yield each verified block's emitted tokens (1..K+1 per yield)."""
+async def run_sequential(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
+                         out: ObjectSendStream[list[int]]) -> None:
+    """Send each verified block's emitted tokens (1..K+1 per block) to `out`."""
     rid, params = request.request_id, request.params
     rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
     committed = await request.prefill(verifier, rng, proposer)
-    yield committed[len(request.prompt):]
+    await out.send(committed[len(request.prompt):])
     proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
         k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
-        block = DraftBlock([], np.zeros((0, 0)), len(committed))
+        block = DraftBlock([], None, len(committed))
         started = time.perf_counter()
         if k:
             try:
@@ -55,4 +53,4 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
         emitted = request.finish(verdict.emitted, verdict.logprobs)
         request.verified(block, verdict, emitted, drafted - started, verified - drafted, proposer is not None)
         committed += emitted
-        yield emitted
+        await out.send(emitted)
