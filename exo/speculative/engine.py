@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import msgspec
-from anyio.abc import ObjectReceiveStream
 
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
@@ -28,7 +27,8 @@ from exo.speculative.drafters import make_proposer
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.pipeline.runner import run_scheduler
+from exo.speculative.pipeline.pipelined import pipelined_blocks
+from exo.speculative.pipeline.sequential import sequential_blocks
 from exo.speculative.verifier import TargetVerifier, Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -144,7 +144,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
     async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
                        eos_ids: frozenset[int] | None = None,
-                       verifier: Verifier | None = None) -> AsyncIterator[ObjectReceiveStream[list[int]]]:
+                       verifier: Verifier | None = None) -> AsyncIterator[AsyncIterator[list[int]]]:
         """A stream of emitted tokens, block by block; `config` overrides the engine's for this request.
 
             async with engine.generate(shard, prompt, params) as blocks:
@@ -181,7 +181,8 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.requests.popitem(last=False)
         try:
             verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
-            async with run_scheduler(request, verifier, proposer, config.pipelined) as blocks:
+            scheduler = pipelined_blocks if config.pipelined else sequential_blocks
+            async with scheduler(request, verifier, proposer) as blocks:
                 yield blocks
         finally:
             self.target.free_cache(request_id)

@@ -10,13 +10,21 @@ stays valid; when a verdict commits a token the drafter did not propose, the epo
 on: blocks of the old epoch are dropped unverified, the draft cache is rolled back to the
 committed prefix and drafting restarts from the corrected token. No draft token reaches
 the output without passing the verifier against the committed sequence.
+
+`pipelined_blocks` is an async context manager, not a generator: the task group lives in
+the caller's `async with`, so no generator suspends with it open (PEP 789) and leaving the
+`async with`, at the end, early or by an error, stops both tasks. There is no `aclose()`
+for a consumer to forget.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import anyio
 import numpy as np
@@ -44,28 +52,62 @@ class SideTimes:
     idle: float = 0.0
 
 
-async def run_pipelined(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
-                        out: ObjectSendStream[list[int]]) -> None:
-    """Send each verified block's emitted tokens to `out`, drafting and verifying concurrently."""
-    rng = judge_rng(request.params.seed)
-    committed = await request.prefill(verifier, rng, proposer)
-    await out.send(committed[len(request.prompt):])
-    if request.finish_reason is not None:
-        return
-    proposer = await request.prefill_draft(proposer)
-    block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
-    verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
-    times = {"draft": SideTimes(), "verify": SideTimes()}
-    async with anyio.create_task_group() as group:
-        if proposer is not None:
-            group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
-                             block_send, verdict_recv, times["draft"])
+@asynccontextmanager
+async def pipelined_blocks(request: SpeculativeRequest, verifier: Verifier,
+                           proposer: Proposer | None) -> AsyncIterator[ObjectReceiveStream[list[int]]]:
+    """A stream of each verified block's emitted tokens while drafting and verifying run
+    concurrently; a failure comes out of the `async with` as itself, not in an exception group."""
+    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)  # the verifier never waits
+    with out_send, out_recv:  # closed even if the request is stopped before its task starts
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_run, request, verifier, proposer, out_send)
+                try:
+                    yield out_recv
+                finally:
+                    group.cancel_scope.cancel()  # the consumer is done: whatever is left is moot
+        except BaseExceptionGroup as group_error:
+            raise single_error(group_error) from None
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one real failure inside (nested) task-group errors, so callers see a plain error."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
         else:
-            block_send.close()
-        await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out, times["verify"])
-        group.cancel_scope.cancel()  # the request is finished: stop drafting at once
-    request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
-    request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
+            leaves.append(error)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+    return (real or leaves)[0]
+
+
+async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
+               out_send: ObjectSendStream[list[int]]) -> None:
+    async with out_send:  # the request's end is the stream's
+        rng = judge_rng(request.params.seed)
+        committed = await request.prefill(verifier, rng, proposer)
+        await out_send.send(committed[len(request.prompt):])
+        if request.finish_reason is not None:
+            return
+        proposer = await request.prefill_draft(proposer)
+        block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
+        verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
+        times = {"draft": SideTimes(), "verify": SideTimes()}
+        async with anyio.create_task_group() as group:
+            if proposer is not None:
+                group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
+                                 block_send, verdict_recv, times["draft"])
+            else:
+                block_send.close()
+            await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
+            group.cancel_scope.cancel()  # the request is finished: stop drafting at once
+        request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
+        request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
 
 
 async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: list[int],

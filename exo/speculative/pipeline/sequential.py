@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-
-from anyio.abc import ObjectSendStream
+from contextlib import AbstractAsyncContextManager, aclosing
+from typing import AsyncIterator
 
 from exo.inference.sampling import draft_rng, judge_rng
 from exo.speculative.drafters import DraftBlock, Proposer
@@ -19,13 +19,20 @@ from exo.speculative.verifier import Verifier
 log = logging.getLogger("exo.speculative")
 
 
-async def run_sequential(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
-                         out: ObjectSendStream[list[int]]) -> None:
-    """Send each verified block's emitted tokens (1..K+1 per block) to `out`."""
+def sequential_blocks(request: SpeculativeRequest, verifier: Verifier,
+                      proposer: Proposer | None) -> AbstractAsyncContextManager[AsyncIterator[list[int]]]:
+    """`run_sequential` in the shape of `pipelined_blocks`: `async with` it to read the blocks."""
+    return aclosing(run_sequential(request, verifier, proposer))
+
+
+async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
+                         proposer: Proposer | None) -> AsyncIterator[list[int]]:
+    """Yield each verified block's emitted tokens (1..K+1 per yield). It runs no task of its
+    own, so a generator is safe here (no task group is open across a yield)."""
     rid, params = request.request_id, request.params
     rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
     committed = await request.prefill(verifier, rng, proposer)
-    await out.send(committed[len(request.prompt):])
+    yield committed[len(request.prompt):]
     proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
         k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
@@ -53,4 +60,4 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier, propos
         emitted = request.finish(verdict.emitted, verdict.logprobs)
         request.verified(block, verdict, emitted, drafted - started, verified - drafted, proposer is not None)
         committed += emitted
-        await out.send(emitted)
+        yield emitted
