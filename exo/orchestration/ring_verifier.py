@@ -99,7 +99,8 @@ class RingVerifier:
                      defer_bonus: bool = False) -> Verdict:
         self.seq += 1
         inputs = [] if self.pending and not block.tokens else block_inputs(committed, block.tokens, self.pending)
-        # At temperature 0 a draft is its argmax: deterministic, so its rows need not travel.
+        # Rows travel only for a sampled draft; at temperature 0 a draft is its argmax, as deterministic
+        # as a draft without rows, and the last stage judges both that way.
         sampled = block.tokens and block.probs is not None and self.params.temperature > 0
         probs = wire.SparseRows.of(block.probs) if sampled else None
         result = await self._pass(expected_cache(len(committed), self.pending), inputs, len(committed),
