@@ -49,9 +49,10 @@ async def measure(args: argparse.Namespace) -> list[dict]:
             prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt([{"role": "user", "content": text}]))
             params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
             tokens, first_at = [], None
-            async for block in engine.generate(shard, prompt, params, eos_ids=frozenset()):
-                first_at = first_at or time.perf_counter()
-                tokens += block
+            async with engine.generate(shard, prompt, params, eos_ids=frozenset()) as blocks:
+                async for block in blocks:
+                    first_at = first_at or time.perf_counter()
+                    tokens += block
             elapsed = time.perf_counter() - first_at
             m = engine.get_metrics()["last_request"]
             rows.append({"mode": mode, "prompt": kind, "tokens": tokens,

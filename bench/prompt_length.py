@@ -128,8 +128,9 @@ async def run(args: argparse.Namespace) -> dict:
     # One untimed warm-up per mode, so no mode pays for first-call compilation.
     warm = tokenizer.encode("Hello")
     for config in ours.values():
-        async for _ in engine.generate(shard, warm, GenerationParams(max_tokens=4), config, eos_ids=frozenset()):
-            pass
+        async with engine.generate(shard, warm, GenerationParams(max_tokens=4), config, eos_ids=frozenset()) as blocks:
+            async for _ in blocks:
+                pass
     for _ in stream_generate(target, lm_tokenizer, warm, max_tokens=4, draft_model=draft, num_draft_tokens=2):
         pass
     for category, instruction, source in [c for c in CATEGORIES if c[0] in args.categories]:
@@ -139,9 +140,10 @@ async def run(args: argparse.Namespace) -> dict:
             for repeat in range(args.repeats):
                 for mode, config in ours.items():
                     stamped: list[tuple[int, float]] = []
-                    async for block in engine.generate(shard, prompt, params, config, eos_ids=frozenset()):
-                        now = time.perf_counter()
-                        stamped += [(t, now) for t in block]
+                    async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
+                        async for block in blocks:
+                            now = time.perf_counter()
+                            stamped += [(t, now) for t in block]
                     tokens, rate = timed(stamped)
                     m = engine.get_metrics()["last_request"]
                     runs.append({"category": category, "length": length, "prompt_tokens": len(prompt),

@@ -53,9 +53,10 @@ def our_side(args: argparse.Namespace) -> list[dict]:
                 params = GenerationParams(max_tokens=args.max_tokens, temperature=temp, seed=0)
                 for mode, config in modes:
                     tokens, first_at = [], None
-                    async for block in engine.generate(shard, prompt, params, config, eos_ids=frozenset()):
-                        first_at = first_at or time.perf_counter()
-                        tokens += block
+                    async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
+                        async for block in blocks:
+                            first_at = first_at or time.perf_counter()
+                            tokens += block
                     elapsed = time.perf_counter() - first_at
                     m = engine.get_metrics()["last_request"]
                     keep({"engine": "exo", "mode": mode, "prompt": kind, "temperature": temp,

@@ -77,14 +77,16 @@ def side(args: argparse.Namespace) -> list[dict]:
             prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt([{"role": "user", "content": text}]))
             for mode, config in modes:
                 warm = GenerationParams(max_tokens=8, temperature=0.0)
-                async for _ in engine.generate(shard, prompt, warm, config, eos_ids=frozenset()):
-                    pass
+                async with engine.generate(shard, prompt, warm, config, eos_ids=frozenset()) as blocks:
+                    async for _ in blocks:
+                        pass
                 params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
                 for repeat in range(args.repeats):
                     tokens, first_at = [], None
-                    async for block in engine.generate(shard, prompt, params, config, eos_ids=frozenset()):
-                        first_at = first_at or time.perf_counter()
-                        tokens += block
+                    async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
+                        async for block in blocks:
+                            first_at = first_at or time.perf_counter()
+                            tokens += block
                     elapsed = time.perf_counter() - first_at
                     m = engine.get_metrics()["last_request"]
                     row = {"engine": args.side, "mode": mode, "prompt": kind, "repeat": repeat, "tokens": tokens,

@@ -127,13 +127,14 @@ async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine
     first_at = None
     tokens: list[int] = []
     pieces: list[str] = []
-    async for block in engine.generate(shard, prompt_ids, params):
-        first_at = first_at or time.perf_counter()
-        tokens += block
-        pieces += [text_stream.push(token) for token in block]
-        if not args.json:
-            sys.stdout.write("".join(pieces[-len(block):]))
-            sys.stdout.flush()
+    async with engine.generate(shard, prompt_ids, params) as blocks:
+        async for block in blocks:
+            first_at = first_at or time.perf_counter()
+            tokens += block
+            pieces += [text_stream.push(token) for token in block]
+            if not args.json:
+                sys.stdout.write("".join(pieces[-len(block):]))
+                sys.stdout.flush()
     pieces.append(text_stream.flush())
     decode_s = time.perf_counter() - first_at
     rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0

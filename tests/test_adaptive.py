@@ -157,8 +157,9 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(make_speculati
     shard = await engine.full_shard(str(tiny_llama))
     prompt = [(7 * i) % 250 + 1 for i in range(1200)]
     params = GenerationParams(max_tokens=40, temperature=0.0)
-    async for _ in engine.generate(shard, prompt, params, eos_ids=frozenset()):
-        pass
+    async with engine.generate(shard, prompt, params, eos_ids=frozenset()) as blocks:
+        async for _ in blocks:
+            pass
     request = engine.last_request
     assert draft.inputs[0] == len(prompt) and max(draft.inputs[1:]) <= 2  # one prompt pass, then steps
     histogram = request.metrics.k_histogram
@@ -170,8 +171,9 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(make_speculati
         step_time = request.metrics.draft_time / request.metrics.drafted
         assert step_time == pytest.approx(draft_step, rel=0.03)
     # The next request starts from those per-step costs, not from anything prompt-sized.
-    async for _ in engine.generate(shard, prompt[:30], params, eos_ids=frozenset()):
-        pass
+    async with engine.generate(shard, prompt[:30], params, eos_ids=frozenset()) as blocks:
+        async for _ in blocks:
+            pass
     inherited = engine.last_request.controller
     if not pipelined:  # (pipelined, the one fake clock also moves with the target mid-draft)
         assert inherited.draft_step.value == pytest.approx(draft_step, rel=0.03)

@@ -78,12 +78,11 @@ async def test_cancelling_mid_request_leaks_nothing(make_speculative, tiny_llama
     threads_before = threading.active_count()
     received = []
     with anyio.move_on_after(10):
-        stream = engine.generate(shard, [9, 8, 7], params, request_id="doomed", eos_ids=frozenset())
-        async for tokens in stream:
-            received += tokens
-            if len(received) >= 5:
-                await stream.aclose()  # the client went away
-                break
+        async with engine.generate(shard, [9, 8, 7], params, request_id="doomed", eos_ids=frozenset()) as stream:
+            async for tokens in stream:
+                received += tokens
+                if len(received) >= 5:
+                    break  # the client went away
     await anyio.sleep(0.2)
     assert len(received) >= 5
     assert len(asyncio.all_tasks()) == tasks_before
@@ -109,10 +108,10 @@ async def test_target_failure_is_one_clear_error_and_engine_recovers(make_specul
     target = BrokenTarget()
     engine = make_speculative(tiny_llama, target=target, pipelined=pipelined)
     shard = await engine.full_shard(str(tiny_llama))
-    stream = engine.generate(shard, [1, 2, 3], GenerationParams(max_tokens=40), eos_ids=frozenset())
     with pytest.raises(RuntimeError, match="target device lost"):
-        async for _ in stream:
-            target.fail = True
+        async with engine.generate(shard, [1, 2, 3], GenerationParams(max_tokens=40), eos_ids=frozenset()) as stream:
+            async for _ in stream:
+                target.fail = True
     target.fail = False
     got = await collect(engine.generate(shard, [1, 2, 3], GenerationParams(max_tokens=10), eos_ids=frozenset()))
     assert got == await plain_tokens(tiny_llama, [1, 2, 3], GenerationParams(max_tokens=10))
@@ -128,7 +127,8 @@ async def test_draft_and_target_in_pinned_processes(make_speculative, tiny_llama
     got = await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()))
     assert got == await plain_tokens(tiny_llama, [5, 5, 5], params)
     with pytest.raises(EngineProcessError, match="died"):
-        async for _ in engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()):
-            target._process.kill()  # the target's machine goes away mid-request
+        async with engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset()) as stream:
+            async for _ in stream:
+                target._process.kill()  # the target's machine goes away mid-request
     # The next request starts a fresh engine process and is served correctly.
     assert await collect(engine.generate(shard, [5, 5, 5], params, eos_ids=frozenset())) == got

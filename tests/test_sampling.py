@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from exo.speculative.sampling import sample, verify_block, warp
+from exo.inference.sampling import sample, warp
+from exo.speculative.rejection import verify_block
 
 
 def test_greedy_is_one_hot_lowest_id_on_ties():
@@ -141,3 +142,92 @@ def test_two_position_joint_distribution():
         counts[out[0], out[1]] += 1
     expected = p1[:, None] * p2
     assert total_variation(counts / trials, expected) < 0.015
+
+
+# -- deterministic drafts (no draft distribution): keep x w.p. p(x), else sample p without x --
+
+def deterministic_histogram(p, draft, trials, rng, verifier=verify_block):
+    counts = np.zeros(p.size)
+    target = np.stack([p, p])
+    for _ in range(trials):
+        counts[verifier(target, None, np.array([draft]), rng)[0]] += 1
+    return counts / trials
+
+
+def chi_square(observed, p, trials):
+    mask = p > 0
+    assert observed[~mask].sum() == 0
+    return trials * ((observed[mask] - p[mask]) ** 2 / p[mask]).sum()
+
+
+def test_deterministic_draft_first_token_follows_target_distribution():
+    rng = np.random.default_rng(4321)
+    vocab = 12
+    p = random_dist(rng, vocab)
+    for draft in (int(np.argmax(p)), int(np.argsort(p)[-4]), int(np.argmin(p))):  # likely, middling, impossible
+        observed = deterministic_histogram(p, draft, 100_000, rng)
+        # 11 dof critical value at 1e-4 is ~37 (cells with p > 0).
+        assert chi_square(observed, p, 100_000) < 40, (draft, observed)
+        assert total_variation(observed, p) < 0.01
+
+
+def resampling_from_p(target_probs, draft_probs, draft_tokens, rng):
+    """A subtly wrong rule: on rejection samples p itself, the rejected draft included."""
+    token = int(draft_tokens[0])
+    if rng.random() < target_probs[0, token]:
+        return [token]
+    return [sample(target_probs[0], rng)]
+
+
+def test_a_deterministic_rule_that_keeps_the_draft_in_its_resample_fails_the_same_check():
+    rng = np.random.default_rng(4321)
+    p = random_dist(rng, 12)
+    draft = int(np.argmax(p))
+    observed = deterministic_histogram(p, draft, 100_000, rng, verifier=resampling_from_p)
+    assert chi_square(observed, p, 100_000) > 40
+    assert total_variation(observed, p) > 0.03
+
+
+def test_deterministic_acceptance_rate_is_the_target_probability():
+    rng = np.random.default_rng(11)
+    p = random_dist(rng, 16)
+    draft = int(np.argmax(p))
+    trials = 50_000
+    accepted = sum(len(verify_block(np.stack([p, p]), None, np.array([draft]), rng)) == 2 for _ in range(trials))
+    assert abs(accepted / trials - p[draft]) < 0.01
+
+
+def test_deterministic_draft_is_the_point_mass_case_of_the_residual_rule():
+    """Same seed, same emitted tokens as drafting from a one-hot q: at temperature 0 this is
+    today's greedy check, and at any temperature the residual of a point mass is p without x."""
+    rng = np.random.default_rng(3)
+    vocab, k = 10, 4
+    for temperature in (0.0, 1.0):
+        for trial in range(300):
+            target = warp(rng.normal(size=(k + 1, vocab)) * 2, temperature)
+            drafts = rng.integers(vocab, size=k)
+            deterministic = verify_block(target, None, drafts, np.random.default_rng(trial))
+            point_mass = verify_block(target, np.eye(vocab)[drafts], drafts, np.random.default_rng(trial))
+            assert deterministic == point_mass
+            if temperature == 0:
+                argmax = target.argmax(axis=-1)
+                agree = int(np.cumprod(drafts == argmax[:k]).sum())
+                assert deterministic == [*drafts[:agree].tolist(), int(argmax[agree])]
+
+
+def test_deterministic_two_position_joint_distribution():
+    """Joint law of two emitted tokens for a deterministic two-token draft (d2 fixed by d1)."""
+    rng = np.random.default_rng(17)
+    vocab = 5
+    p1 = random_dist(rng, vocab, 0)
+    p2 = np.stack([random_dist(rng, vocab, 0) for _ in range(vocab)])  # prefix-dependent toy LM
+    d1 = int(np.argmax(p1))
+    d2 = int(np.argmax(p2[d1]))
+    counts = np.zeros((vocab, vocab))
+    trials = 100_000
+    for _ in range(trials):
+        out = verify_block(np.stack([p1, p2[d1], p2[d1]]), None, np.array([d1, d2]), rng)
+        if len(out) == 1:  # first rejected: second token comes from the target given the correction
+            out.append(sample(p2[out[0]], rng))
+        counts[out[0], out[1]] += 1
+    assert total_variation(counts / trials, p1[:, None] * p2) < 0.01

@@ -123,7 +123,7 @@ async def test_incompatible_tokenizer_is_refused(make_speculative, tiny_llama, s
 async def test_joint_distribution_through_engine_matches_target(mlx_engine, tiny_llama, tiny_llama_other, pipelined,
                                                                 speculative):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
-    from exo.speculative.sampling import warp
+    from exo.inference.sampling import warp
 
     prompt = [10, 20, 30]
     params = dict(temperature=1.0, top_k=3)

@@ -249,7 +249,8 @@ async def test_speculative_on_smollm2_through_tinygrad_with_mlx_draft(pairs, smo
         for text in ["def fibonacci(n):"]:
             prompt = engine.tokenizer.encode(text)
             expected = await collect(generate_plain(pair.mlx, pair.shard, prompt, params))
-            got = await collect(engine.generate(shard=pair.shard, prompt=prompt, params=params, eos_ids=frozenset()))
+            got = await collect(engine.generate(shard=pair.shard, prompt=prompt, params=params,
+                                                           eos_ids=frozenset()))
             assert got == expected, (text, engine.tokenizer.decode(got), engine.tokenizer.decode(expected))
         assert 0.0 < engine.get_metrics()["acceptance_rate"] < 1.0
     finally:

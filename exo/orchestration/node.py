@@ -61,11 +61,6 @@ StatusCallback = Callable[[str, str], None]
 REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT)
 
 
-def drafter_name(config: SpeculativeConfig) -> str:
-    """The label a request's drafted and accepted tokens are counted under."""
-    return getattr(config, "drafter", None) or "model"
-
-
 class Node:
     def __init__(self, node_id: str, engine_pair: Callable[[], tuple[InferenceEngine, InferenceEngine]],
                  config: SpeculativeConfig, default_model: str, *, max_generate_tokens: int = 1024,
@@ -286,9 +281,8 @@ class Node:
             verifier = RingVerifier(self.id, cluster.call, cluster.member.spawn, cluster.inbox, self._ring,
                                     shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
                                     cluster.timeouts.send_s)
-        stream = self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier)
         try:
-            async with aclosing(stream) as blocks:
+            async with self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier) as blocks:
                 reported = 0
                 async for tokens in blocks:
                     request = self.engine.requests[request_id]
@@ -297,7 +291,7 @@ class Node:
         finally:  # counted however the request ended
             request = self.engine.requests.get(request_id)
             if request is not None and config.enabled:
-                self.counters.speculation(drafter_name(config), request.metrics.drafted, request.metrics.accepted)
+                self.counters.speculation(config.drafter, request.metrics.drafted, request.metrics.accepted)
             if verifier is not None:
                 times = verifier.times
                 self.counters.ring(times.passes, times.wall,

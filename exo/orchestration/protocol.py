@@ -65,7 +65,7 @@ class BlockHeader(msgspec.Struct, frozen=True):
     n_committed: int
     params: GenerationParams
     draft_tokens: list[int] = []
-    draft_probs: SparseRows | None = None  # None at temperature 0: one-hot at the draft tokens
+    draft_probs: SparseRows | None = None  # None: a deterministic draft (or temperature 0), judged by p alone
     defer_bonus: bool = False
     version: int = WIRE_VERSION
 

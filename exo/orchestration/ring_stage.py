@@ -253,8 +253,7 @@ class RingStage:
             return protocol.Result(rid, 0, self.id, first.emitted, kept=first.kept, compute=compute,
                                    logprobs=first.logprobs)
         logits = None if out is None else out[0]
-        width = logits.shape[-1] if logits is not None else state.judge.pending.shape[-1]
-        probs = header.draft_probs.array() if header.draft_probs is not None else _one_hot(header.draft_tokens, width)
+        probs = header.draft_probs.array() if header.draft_probs is not None else None  # None: deterministic
         verdict = state.judge.judge(logits, header.n_committed, header.draft_tokens, probs, state.rng,
                                     header.defer_bonus)
         rollback_to(self.engine, rid, verdict.kept)
@@ -355,13 +354,6 @@ def decode_message(decoder: msgspec.msgpack.Decoder, payload: bytes):
         return decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadMessage(str(exc)) from None
-
-
-def _one_hot(tokens: list[int], width: int) -> np.ndarray:
-    """Temperature-0 draft rows: all mass on the drafted token (what the draft sampled from)."""
-    rows = np.zeros((len(tokens), max([width, *(t + 1 for t in tokens)])), dtype=np.float32)
-    rows[np.arange(len(tokens)), tokens] = 1.0
-    return rows
 
 
 def _label(stage, header: protocol.BlockHeader) -> str:

@@ -18,7 +18,7 @@ from exo.inference.generate import GenerationParams
 from exo.networking.grpc_transport import BadMessage
 from exo.orchestration import protocol
 from exo.orchestration.ring_stage import RingError, Send, Spawn
-from exo.speculative.proposer import DraftBlock
+from exo.speculative.drafters import DraftBlock
 from exo.speculative.verifier import Verdict, block_inputs, expected_cache
 from exo.topology.partitioning import Stage
 
@@ -99,7 +99,10 @@ class RingVerifier:
                      defer_bonus: bool = False) -> Verdict:
         self.seq += 1
         inputs = [] if self.pending and not block.tokens else block_inputs(committed, block.tokens, self.pending)
-        probs = protocol.SparseRows.of(block.probs) if block.tokens and self.params.temperature > 0 else None
+        # Rows travel only for a sampled draft; at temperature 0 a draft is its argmax, as deterministic
+        # as a draft without rows, and the last stage judges both that way.
+        sampled = block.tokens and block.probs is not None and self.params.temperature > 0
+        probs = protocol.SparseRows.of(block.probs) if sampled else None
         result = await self._pass(expected_cache(len(committed), self.pending), inputs, len(committed),
                                   block.tokens, probs, defer_bonus)
         self.pending = result.deferred

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 AUTO = "auto"
+DRAFTERS = ("model",)  # what may propose tokens (see exo.speculative.drafters)
 
 # Target -> draft. Every pair shares one tokenizer (same ids; small Qwen models pad the
 # vocabulary to 151936, large ones to 152064, which is fine).
@@ -44,6 +45,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     max_speculation_depth: int = 8
     adaptive_speculation: bool = True
     pipelined: bool = False
+    drafter: str = "model"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_speculation_depth <= 64:
@@ -57,6 +59,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"acceptance_threshold must be in [0, 1), got {self.acceptance_threshold}")
         if not self.draft_model:
             raise ConfigError("draft_model must be a model id or 'auto'")
+        if self.drafter not in DRAFTERS:
+            raise ConfigError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
 
     def merged(self, overrides: dict) -> "SpeculativeConfig":
         """This config with the fields in `overrides` replaced (validated, unknown fields refused)."""

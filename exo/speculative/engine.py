@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from contextlib import aclosing
+from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import msgspec
@@ -23,12 +23,12 @@ from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
 from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
+from exo.speculative.drafters import make_proposer
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.pipeline.pipelined import run_pipelined
-from exo.speculative.pipeline.sequential import run_sequential
-from exo.speculative.proposer import DraftProposer
+from exo.speculative.pipeline.pipelined import pipelined_blocks
+from exo.speculative.pipeline.sequential import sequential_blocks
 from exo.speculative.verifier import TargetVerifier, Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -140,14 +140,19 @@ class SpeculativeInferenceEngine(InferenceEngine):
         return config.draft_model != self.config.draft_model
 
     # -- generation ---------------------------------------------------------------------
+    @asynccontextmanager
     async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
                        eos_ids: frozenset[int] | None = None,
-                       verifier: Verifier | None = None) -> AsyncIterator[list[int]]:
-        """Yield emitted tokens block by block; `config` overrides the engine's for this request.
+                       verifier: Verifier | None = None) -> AsyncIterator[AsyncIterator[list[int]]]:
+        """A stream of emitted tokens, block by block; `config` overrides the engine's for this request.
 
-        `verifier` replaces the local target (a ring of nodes holding its layers); it must
-        be for `request_id` and `params`.
+            async with engine.generate(shard, prompt, params) as blocks:
+                async for tokens in blocks: ...
+
+        The request runs while the `async with` is open; leaving it stops the request and
+        frees its caches. `verifier` replaces the local target (a ring of nodes holding its
+        layers); it must be for `request_id` and `params`.
         """
         config = config or self.config
         request_id = request_id or uuid.uuid4().hex
@@ -155,7 +160,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
             await self.target.ensure_shard(shard)
         draft_shard = (await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
                        if config.enabled else None)
-        proposer = DraftProposer(self.draft, draft_shard) if draft_shard is not None else None
+        proposer = make_proposer(config, self.draft, draft_shard) if draft_shard is not None else None
         cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
                     type(verifier).__name__ if verifier is not None else "local")
         request = SpeculativeRequest(
@@ -175,13 +180,14 @@ class SpeculativeInferenceEngine(InferenceEngine):
         while len(self.requests) > 256:
             self.requests.popitem(last=False)
         try:
-            scheduler = run_pipelined if config.pipelined else run_sequential
             verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
-            async with aclosing(scheduler(request, verifier, proposer)) as blocks:
-                async for tokens in blocks:
-                    yield tokens
+            scheduler = pipelined_blocks if config.pipelined else sequential_blocks
+            async with scheduler(request, verifier, proposer) as blocks:
+                yield blocks
         finally:
-            self.free_cache(request_id)
+            self.target.free_cache(request_id)
+            if proposer is not None:
+                proposer.release(request_id)
             if verifier is not None:
                 await verifier.close()
             self.metrics.merge(request.metrics)

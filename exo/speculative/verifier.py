@@ -15,11 +15,11 @@ import numpy as np
 from exo.inference.engine import InferenceEngine, last_only
 from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob, token_logprobs
-from exo.inference.sampling import sample
+from exo.inference.sampling import sample, warp
 from exo.inference.shard import Shard
+from exo.speculative.drafters import DraftBlock
 from exo.speculative.kv import KVRollbackError, rollback_to
-from exo.speculative.proposer import DraftBlock
-from exo.speculative.sampling import verify_block, warp
+from exo.speculative.rejection import verify_block
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,11 @@ class BlockJudge:
             return None
         return token_logprobs(raw, tokens, self.params.logprobs)
 
-    def judge(self, logits: np.ndarray | None, n_committed: int, tokens: list[int], probs: np.ndarray,
+    def judge(self, logits: np.ndarray | None, n_committed: int, tokens: list[int], probs: np.ndarray | None,
               rng: np.random.Generator, defer_bonus: bool = False) -> Verdict:
         """Decide a block from the target's logits for its inputs (None: nothing was fed,
-        only the held row is sampled). `kept` is what the target cache must be trimmed to."""
+        only the held row is sampled). `probs` are the draft's rows, None for a
+        deterministic draft. `kept` is what the target cache must be trimmed to."""
         if logits is None:
             if self.pending is None or tokens:
                 raise ValueError("only a held target row can be sampled without a forward pass")
@@ -159,11 +160,13 @@ class Verifier(Protocol):
     async def close(self) -> None: ...
 
 
-def _verify(target: np.ndarray, tokens: list[int], probs: np.ndarray, rng: np.random.Generator) -> list[int]:
+def _verify(target: np.ndarray, tokens: list[int], probs: np.ndarray | None,
+            rng: np.random.Generator) -> list[int]:
     # Vocabularies may be padded to different sizes; ids past a model's vocabulary have
     # probability zero under it.
-    draft = probs if tokens else np.zeros((0, target.shape[-1]))
-    vocab = max(target.shape[-1], draft.shape[-1])
+    draft = probs if tokens else None
+    vocab = max(target.shape[-1], draft.shape[-1] if draft is not None else 0, *(t + 1 for t in tokens))
     target = np.pad(target, ((0, 0), (0, vocab - target.shape[-1])))
-    draft = np.pad(draft, ((0, 0), (0, vocab - draft.shape[-1])))
+    if draft is not None:
+        draft = np.pad(draft, ((0, 0), (0, vocab - draft.shape[-1])))
     return verify_block(target, draft, np.asarray(tokens, dtype=np.int64), rng)

@@ -7,7 +7,11 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 
 
 async def collect(stream) -> list[int]:
-    """Every token a generation stream yields, in order."""
+    """Every token a generation yields, in order: a stream of blocks, or an
+    `engine.generate(...)` context manager (entered here, so its tasks end with it)."""
+    if hasattr(stream, "__aenter__"):
+        async with stream as blocks:
+            return await collect(blocks)
     out: list[int] = []
     async for tokens in stream:
         out.extend(tokens)

@@ -17,7 +17,7 @@ from exo.speculative.events import (
     BlockVerified, DraftProposed, EventBus, KVRollback, MetricsUpdate, SpeculationFallback,
 )
 from exo.speculative.metrics import SpeculativeMetrics
-from exo.speculative.proposer import DraftBlock, DraftProposer
+from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.verifier import Verdict, Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -44,7 +44,7 @@ class SpeculativeRequest:
     draft_broken: bool = False
 
     async def prefill(self, verifier: Verifier, rng: np.random.Generator,
-                      proposer: DraftProposer | None = None) -> list[int]:
+                      proposer: Proposer | None = None) -> list[int]:
         """Process the prompt and commit the first token; returns the committed sequence.
 
         With `overlap_prefill` the draft's prompt pass runs concurrently (it pays when draft
@@ -63,7 +63,7 @@ class SpeculativeRequest:
         self.metrics.prefill_emitted = len(first)
         return [*self.prompt, *first]
 
-    async def prefill_draft(self, proposer: DraftProposer | None) -> DraftProposer | None:
+    async def prefill_draft(self, proposer: Proposer | None) -> Proposer | None:
         """The draft's prompt pass, once per request, timed apart from every block; returns
         the proposer to draft with, None when there is none or it failed (decode plainly)."""
         if proposer is None or self.draft_broken:

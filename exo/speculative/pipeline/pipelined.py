@@ -10,6 +10,11 @@ stays valid; when a verdict commits a token the drafter did not propose, the epo
 on: blocks of the old epoch are dropped unverified, the draft cache is rolled back to the
 committed prefix and drafting restarts from the corrected token. No draft token reaches
 the output without passing the verifier against the committed sequence.
+
+`pipelined_blocks` is an async context manager, not a generator: the task group lives in
+the caller's `async with`, so no generator suspends with it open (PEP 789) and leaving the
+`async with`, at the end, early or by an error, stops both tasks. There is no `aclose()`
+for a consumer to forget.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -25,8 +31,8 @@ import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from exo.inference.sampling import draft_rng, judge_rng
+from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -46,25 +52,22 @@ class SideTimes:
     idle: float = 0.0
 
 
-async def run_pipelined(request: SpeculativeRequest, verifier: Verifier,
-                        proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
-    """Yield each verified block's emitted tokens, drafting and verifying concurrently."""
-    rng = judge_rng(request.params.seed)
-    committed = await request.prefill(verifier, rng, proposer)
-    yield committed[len(request.prompt):]
-    if request.finish_reason is not None:
-        return
-    proposer = await request.prefill_draft(proposer)
-    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_pipeline, request, verifier, proposer, committed, rng,
-                             draft_rng(request.params.seed), out_send)
-            async with out_recv:
-                async for tokens in out_recv:
-                    yield tokens
-    except BaseExceptionGroup as group_error:
-        raise single_error(group_error) from None
+@asynccontextmanager
+async def pipelined_blocks(request: SpeculativeRequest, verifier: Verifier,
+                           proposer: Proposer | None) -> AsyncIterator[ObjectReceiveStream[list[int]]]:
+    """A stream of each verified block's emitted tokens while drafting and verifying run
+    concurrently; a failure comes out of the `async with` as itself, not in an exception group."""
+    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)  # the verifier never waits
+    with out_send, out_recv:  # closed even if the request is stopped before its task starts
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_run, request, verifier, proposer, out_send)
+                try:
+                    yield out_recv
+                finally:
+                    group.cancel_scope.cancel()  # the consumer is done: whatever is left is moot
+        except BaseExceptionGroup as group_error:
+            raise single_error(group_error) from None
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:
@@ -83,22 +86,28 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
     return (real or leaves)[0]
 
 
-async def _pipeline(request: SpeculativeRequest, verifier: Verifier, proposer: DraftProposer | None,
-                    committed: list[int], rng: np.random.Generator, draft_rng: np.random.Generator,
-                    out_send: ObjectSendStream[list[int]]) -> None:
-    block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
-    verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
-    times = {"draft": SideTimes(), "verify": SideTimes()}
-    async with out_send, anyio.create_task_group() as group:
-        if proposer is not None:
-            group.start_soon(_drafter, request, proposer, list(committed), draft_rng, block_send, verdict_recv,
-                             times["draft"])
-        else:
-            block_send.close()
-        await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
-        group.cancel_scope.cancel()  # the request is finished: stop drafting at once
-    request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
-    request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
+async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
+               out_send: ObjectSendStream[list[int]]) -> None:
+    async with out_send:  # the request's end is the stream's
+        rng = judge_rng(request.params.seed)
+        committed = await request.prefill(verifier, rng, proposer)
+        await out_send.send(committed[len(request.prompt):])
+        if request.finish_reason is not None:
+            return
+        proposer = await request.prefill_draft(proposer)
+        block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
+        verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
+        times = {"draft": SideTimes(), "verify": SideTimes()}
+        async with anyio.create_task_group() as group:
+            if proposer is not None:
+                group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
+                                 block_send, verdict_recv, times["draft"])
+            else:
+                block_send.close()
+            await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
+            group.cancel_scope.cancel()  # the request is finished: stop drafting at once
+        request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
+        request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
 
 
 async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: list[int],
@@ -118,7 +127,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                 except anyio.EndOfStream:
                     drafts_open = False  # the drafter is gone: plain decoding from here
             if block is None:
-                block = DraftBlock([], np.zeros((0, 0)), len(committed), epoch)
+                block = DraftBlock([], None, len(committed), epoch)
             elif block.epoch != epoch:
                 continue  # drafted before the last divergence: never verified, never emitted
             started = time.perf_counter()
@@ -143,7 +152,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                     drafts_open = False  # the drafter failed after sending this block
 
 
-async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committed: list[int],
+async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: list[int],
                    rng: np.random.Generator, blocks: ObjectSendStream[DraftBlock],
                    verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes) -> None:
     rid = request.request_id
@@ -190,7 +199,7 @@ async def _drafter(request: SpeculativeRequest, proposer: DraftProposer, committ
                 if k == 0:
                     # Speculation does not pay right now: ask for one plain step and wait for it
                     # rather than burn shared compute and memory bandwidth on doomed drafts.
-                    plain = DraftBlock([], np.zeros((0, 0)), len(sequence), epoch)
+                    plain = DraftBlock([], None, len(sequence), epoch)
                     in_flight.append(0)
                     await blocks.send(plain)
                     waited = time.perf_counter()

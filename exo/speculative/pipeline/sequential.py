@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import AsyncIterator
 
-import numpy as np
-
 from exo.inference.sampling import draft_rng, judge_rng
-
+from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import SpeculativeRequest
-from exo.speculative.proposer import DraftBlock, DraftProposer
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
 
 
+def sequential_blocks(request: SpeculativeRequest, verifier: Verifier,
+                      proposer: Proposer | None) -> AbstractAsyncContextManager[AsyncIterator[list[int]]]:
+    """`run_sequential` in the shape of `pipelined_blocks`: `async with` it to read the blocks."""
+    return aclosing(run_sequential(request, verifier, proposer))
+
+
 async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
-                         proposer: DraftProposer | None) -> AsyncIterator[list[int]]:
-    """Yield each verified block's emitted tokens (1..K+1 per yield)."""
+                         proposer: Proposer | None) -> AsyncIterator[list[int]]:
+    """Yield each verified block's emitted tokens (1..K+1 per yield). It runs no task of its
+    own, so a generator is safe here (no task group is open across a yield)."""
     rid, params = request.request_id, request.params
     rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
     committed = await request.prefill(verifier, rng, proposer)
@@ -31,7 +36,7 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
     proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
         k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
-        block = DraftBlock([], np.zeros((0, 0)), len(committed))
+        block = DraftBlock([], None, len(committed))
         started = time.perf_counter()
         if k:
             try:

@@ -1,35 +1,22 @@
-"""The draft side: propose up to K tokens with the probabilities they were drawn from."""
+"""A draft model: propose up to K tokens with the probabilities they were drawn from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from exo.inference.engine import InferenceEngine, last_only
 from exo.inference.generate import GenerationParams
-from exo.inference.sampling import sample
+from exo.inference.sampling import sample, warp
 from exo.inference.shard import Shard
+from exo.speculative.drafters import DraftBlock
 from exo.speculative.kv import rollback_to
-from exo.speculative.sampling import warp
 
 
-@dataclass
-class DraftBlock:
-    tokens: list[int]
-    probs: np.ndarray  # (len(tokens), V), warped exactly like the target's rows
-    base_length: int  # length of the sequence the block extends
-    epoch: int = 0  # pipelined: which run of speculation since the last divergence
-    draft_seconds: float = 0.0
-    steps: int = 0  # draft forwards run for this block (one more than k after a confidence cut)
+class ModelDrafter:
+    """A `Proposer` backed by a small model on `engine`; its KV cache is the per-request state."""
 
-    @property
-    def k(self) -> int:
-        return len(self.tokens)
-
-
-class DraftProposer:
     def __init__(self, engine: InferenceEngine, shard: Shard):
         self.engine, self.shard = engine, shard
 
@@ -81,6 +68,9 @@ class DraftProposer:
         """Forget drafted tokens past the now-committed prefix."""
         held = self.engine.cache_offset(request_id)
         rollback_to(self.engine, request_id, min(held, committed_length))
+
+    def release(self, request_id: str) -> None:
+        self.engine.free_cache(request_id)
 
 
 def _top_probability(logits: np.ndarray) -> float:
