@@ -9,13 +9,10 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 async def collect(stream) -> list[int]:
     """Every token a generation yields, in order: a stream of blocks, or an
     `engine.generate(...)` context manager (entered here, so its tasks end with it)."""
-    if hasattr(stream, "__aenter__"):
-        async with stream as blocks:
-            return await collect(blocks)
-    out: list[int] = []
-    async for tokens in stream:
-        out.extend(tokens)
-    return out
+    if hasattr(stream, "__aiter__"):
+        return [token async for tokens in stream for token in tokens]
+    async with stream as blocks:
+        return [token async for tokens in blocks for token in tokens]
 
 
 _references: dict[tuple, list[int]] = {}
