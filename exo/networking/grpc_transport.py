@@ -4,9 +4,9 @@ Messages are opaque bytes (msgpack, in formats the orchestration layer defines),
 runs with raw-bytes methods and no generated protobuf code. Every call has a deadline. After
 a failure the channel reconnects by itself (with backoff); it is never closed while it may
 carry other calls, because grpc cancels those with a bare CancelledError, which would look
-like a cancellation of their callers. `LinkOptions.delay_s` (+ a uniform random share of `jitter_s`) delays each
-message one way: simulated link latency for benchmarks and tests on one machine; with jitter,
-messages may overtake each other as on a real network. With a cluster secret, every call
+like a cancellation of their callers. `LinkOptions.delay_s` (+ a uniform random share of
+`jitter_s`) delays each message one way: simulated link latency for benchmarks and tests on
+one machine; with jitter, messages may overtake each other as on a real network. With a cluster secret, every call
 carries it and the server refuses (UNAUTHENTICATED, counted) any call that does not.
 """
 
