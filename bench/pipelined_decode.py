@@ -52,7 +52,7 @@ async def measure(args: argparse.Namespace) -> list[dict]:
             async with engine.generate(shard, prompt, params, eos_ids=frozenset()) as blocks:
                 async for block in blocks:
                     first_at = first_at or time.perf_counter()
-                    tokens += block
+                    tokens += block.tokens
             elapsed = time.perf_counter() - first_at
             m = engine.get_metrics()["last_request"]
             rows.append({"mode": mode, "prompt": kind, "tokens": tokens,

@@ -143,7 +143,7 @@ async def run(args: argparse.Namespace) -> dict:
                     async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
                         async for block in blocks:
                             now = time.perf_counter()
-                            stamped += [(t, now) for t in block]
+                            stamped += [(t, now) for t in block.tokens]
                     tokens, rate = timed(stamped)
                     m = engine.get_metrics()["last_request"]
                     runs.append({"category": category, "length": length, "prompt_tokens": len(prompt),

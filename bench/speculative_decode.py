@@ -56,7 +56,7 @@ def our_side(args: argparse.Namespace) -> list[dict]:
                     async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
                         async for block in blocks:
                             first_at = first_at or time.perf_counter()
-                            tokens += block
+                            tokens += block.tokens
                     elapsed = time.perf_counter() - first_at
                     m = engine.get_metrics()["last_request"]
                     keep({"engine": "exo", "mode": mode, "prompt": kind, "temperature": temp,

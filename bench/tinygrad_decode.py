@@ -86,7 +86,7 @@ def side(args: argparse.Namespace) -> list[dict]:
                     async with engine.generate(shard, prompt, params, config, eos_ids=frozenset()) as blocks:
                         async for block in blocks:
                             first_at = first_at or time.perf_counter()
-                            tokens += block
+                            tokens += block.tokens
                     elapsed = time.perf_counter() - first_at
                     m = engine.get_metrics()["last_request"]
                     row = {"engine": args.side, "mode": mode, "prompt": kind, "repeat": repeat, "tokens": tokens,

@@ -130,10 +130,10 @@ async def _generate(args: argparse.Namespace, engine: SpeculativeInferenceEngine
     async with engine.generate(shard, prompt_ids, params) as blocks:
         async for block in blocks:
             first_at = first_at or time.perf_counter()
-            tokens += block
-            pieces += [text_stream.push(token) for token in block]
+            tokens += block.tokens
+            pieces += [text_stream.push(token) for token in block.tokens]
             if not args.json:
-                sys.stdout.write("".join(pieces[-len(block):]))
+                sys.stdout.write("".join(pieces[-len(block.tokens):]))
                 sys.stdout.flush()
     pieces.append(text_stream.flush())
     decode_s = time.perf_counter() - first_at

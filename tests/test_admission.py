@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from contextlib import AsyncExitStack
 
 import anyio
 import httpx
@@ -161,8 +162,9 @@ def _node(model, draft, limit, **options):
 
 async def _collect(node, prompt, params, config=None, request_id=None):
     out = []
-    async for tokens in node.generate(None, prompt, params, config, request_id):
-        out += tokens
+    async with node.generate(None, prompt, params, config, request_id) as blocks:
+        async for block in blocks:
+            out += block.tokens
     return out
 
 
@@ -207,24 +209,30 @@ async def test_node_queues_past_its_limit_and_lists_live_requests(tiny_llama, ti
                                                        discovery=None))
     try:
         params = GenerationParams(max_tokens=8, temperature=0.0)
-        streams = [node.generate(None, [1, 2, 3 + i], params, request_id=f"r{i}") for i in range(3)]
-        firsts = [await anext(streams[0]), await anext(streams[1])]
+        held = [AsyncExitStack(), AsyncExitStack()]  # r0 and r1, each left open until closed below
+        streams = [await held[i].enter_async_context(node.generate(None, [1, 2, 3 + i], params, request_id=f"r{i}"))
+                   for i in range(2)]
+        firsts = [(await anext(streams[0])).tokens, (await anext(streams[1])).tokens]
         assert all(firsts)
         assert node.live_requests() == ["r0", "r1"]
         assert node.cluster_metrics()["live_requests"] == ["r0", "r1"]  # a single node lists its own
         third: list[list[int]] = []
+        release = anyio.Event()
 
         async def run_third() -> None:
-            third.append(await anext(streams[2]))
+            async with node.generate(None, [1, 2, 5], params, request_id="r2") as blocks:
+                third.append((await anext(blocks)).tokens)
+                await release.wait()
 
         async with anyio.create_task_group() as group:
             group.start_soon(run_third)
             await _wait_until(lambda: node.admission.queued == 1)
             assert not third and node.live_requests() == ["r0", "r1"]
-            await streams[0].aclose()  # r0 stops early: r2 takes its slot
-        assert third and node.live_requests() == ["r1", "r2"]
-        for stream in streams[1:]:
-            await stream.aclose()
+            await held[0].aclose()  # r0 stops early: r2 takes its slot
+            await _wait_until(lambda: bool(third))
+            assert third and node.live_requests() == ["r1", "r2"]
+            await held[1].aclose()
+            release.set()
         assert node.live_requests() == [] and node.cluster_metrics()["live_requests"] == []
         assert node.counters.requests["stopped"] == 3
     finally:

@@ -79,8 +79,8 @@ async def test_cancelling_mid_request_leaks_nothing(make_speculative, tiny_llama
     received = []
     with anyio.move_on_after(10):
         async with engine.generate(shard, [9, 8, 7], params, request_id="doomed", eos_ids=frozenset()) as stream:
-            async for tokens in stream:
-                received += tokens
+            async for block in stream:
+                received += block.tokens
                 if len(received) >= 5:
                     break  # the client went away
     await anyio.sleep(0.2)

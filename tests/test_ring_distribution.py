@@ -147,8 +147,9 @@ async def ring_samples(workdir, model: str, draft: str, pipelined: bool, seeds: 
                 async with limiter:
                     tokens: list[int] = []
                     params = GenerationParams(seed=seed, **PARAMS)
-                    async for block in node.generate(model, prompt, params, request_id=f"seed-{seed}"):
-                        tokens += block
+                    async with node.generate(model, prompt, params, request_id=f"seed-{seed}") as blocks:
+                        async for block in blocks:
+                            tokens += block.tokens
                     outputs[seed] = tuple(tokens)
 
             with anyio.fail_after(600):
@@ -170,8 +171,9 @@ async def single_node_samples(model: str, draft: str, pipelined: bool, seeds: ra
         outputs = {}
         for seed in seeds:
             tokens: list[int] = []
-            async for block in node.generate(model, prompt, GenerationParams(seed=seed, **PARAMS)):
-                tokens += block
+            async with node.generate(model, prompt, GenerationParams(seed=seed, **PARAMS)) as blocks:
+                async for block in blocks:
+                    tokens += block.tokens
             outputs[seed] = tuple(tokens)
         return outputs
     finally:

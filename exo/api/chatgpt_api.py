@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
@@ -25,6 +25,7 @@ from exo.api.access import AccessGuard
 from exo.api.admitted import AdmittedResponse
 from exo.api.choices import Choice, ChoiceError, choice_params, requested_choices, requested_logprobs, summed_usage
 from exo.api.limits import Limits, Refused
+from exo.api.produced import ProducedStream
 from exo.api.logprobs import TokenText, chat_logprobs, completion_logprobs
 from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
 from exo.api.unsupported import unsupported_parameter
@@ -256,19 +257,19 @@ class ChatGPTAPI:
         token_text = TokenText(tokenizer)
         created = int(time.time())
 
-        async def deltas(choice: Choice) -> AsyncIterator[tuple[str, TokenLogprob | None, int]]:
-            """(text delta, log-prob entry if asked, its text offset) per generated token, until
-            the budget, end of sequence or a stop string."""
+        async def deltas(choice: Choice, emit: Callable[[str, TokenLogprob | None, int], Awaitable[None]]) -> None:
+            """Generate `choice`, emitting (text delta, log-prob entry if asked, its text offset)
+            per token, until the budget, end of sequence or a stop string. A coroutine with a
+            callback rather than a generator: the node's tasks live inside this call."""
             text = choice.text
             try:
-                async with aclosing(self.node.generate(model_id, choice.prompt, choice.params, config,
-                                                       choice.request_id, logprobs=choice.logprobs,
-                                                       slot=request_id if body.stream else None)) as blocks:
-                    async for tokens in blocks:
-                        for token in tokens:
+                async with self.node.generate(model_id, choice.prompt, choice.params, config, choice.request_id,
+                                              slot=request_id if body.stream else None) as blocks:
+                    async for block in blocks:
+                        for i, token in enumerate(block.tokens):
                             entry, offset = None, choice.decoded
                             if top is not None and token not in tokenizer.eos_token_ids:
-                                entry = choice.logprobs[choice.count]  # end of text shows no token
+                                entry = block.logprobs[i]  # end of text shows no token
                             choice.count += 1
                             delta = text.push(token)
                             if entry is not None:
@@ -276,7 +277,7 @@ class ChatGPTAPI:
                                 choice.offsets.append(offset)
                                 if not chat:
                                     choice.decoded = len(tokenizer.decode(text.ids))
-                            yield delta, entry, offset
+                            await emit(delta, entry, offset)
                             if text.stopped:
                                 return
             except ConfigError as exc:
@@ -307,9 +308,8 @@ class ChatGPTAPI:
             return chat_logprobs(entries, token_text) if chat else completion_logprobs(entries, offsets, token_text)
 
         if body.stream:  # admitted before the 200 goes out; the slot is held for the whole stream
-            stream = StreamingResponse(self._sse(request_id, model, created, chat, choices, deltas, finish_reason,
-                                                 usage, render),
-                                       media_type="text/event-stream")
+            sse = partial(self._sse, request_id, model, created, chat, choices, deltas, finish_reason, usage, render)
+            stream = ProducedStream(sse, media_type="text/event-stream")
             return AdmittedResponse(lambda: self.node.admit(request_id), stream,
                                     lambda exc: self._refusal(_rejected(exc)))
         error = None
@@ -319,10 +319,12 @@ class ChatGPTAPI:
             async def collect(choice: Choice) -> None:
                 """One choice under its own admission slot (choices of one request queue like others)."""
                 nonlocal error
+                async def keep(delta: str, entry: TokenLogprob | None, offset: int) -> None:
+                    choice.pieces.append(delta)
+
                 try:
-                    async with self.node.admit(choice.request_id), aclosing(deltas(choice)) as stream:
-                        async for delta, _, _ in stream:
-                            choice.pieces.append(delta)
+                    async with self.node.admit(choice.request_id):
+                        await deltas(choice, keep)
                     choice.pieces.append(choice.text.flush())
                 except AdmissionRejected as exc:
                     error = error or _rejected(exc)
@@ -360,9 +362,11 @@ class ChatGPTAPI:
         scope.cancel()
 
     async def _sse(self, request_id: str, model: str, created: int, chat: bool, choices: list[Choice],
-                   deltas: Callable[[Choice], AsyncIterator[tuple[str, TokenLogprob | None, int]]],
+                   deltas: Callable[[Choice, Callable[[str, TokenLogprob | None, int], Awaitable[None]]],
+                                    Awaitable[None]],
                    finish_reason: Callable[[Choice], str], usage: Callable[[], Usage],
-                   render: Callable[[list[TokenLogprob], list[int]], dict | None]) -> AsyncIterator[bytes]:
+                   render: Callable[[list[TokenLogprob], list[int]], dict | None],
+                   write: Callable[[bytes], Awaitable[None]]) -> None:
         """Per choice (one after another, each chunk naming its index): one chunk per token, then
         a final chunk (held-back text, finish_reason); the last one carries the usage. Then [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -381,18 +385,21 @@ class ChatGPTAPI:
         try:
             for choice in choices:
                 first = True
-                async with aclosing(deltas(choice)) as stream:
-                    async for delta, entry, offset in stream:
-                        # one chunk per generated token, even while its text is held back
-                        logprobs = render([entry], [offset]) if entry is not None else None
-                        yield chunk(choice.index, delta, None, logprobs, first=first)
-                        first = False
+
+                async def token_chunk(delta: str, entry: TokenLogprob | None, offset: int) -> None:
+                    """One chunk per generated token, even while its text is held back."""
+                    nonlocal first
+                    logprobs = render([entry], [offset]) if entry is not None else None
+                    await write(chunk(choice.index, delta, None, logprobs, first=first))
+                    first = False
+
+                await deltas(choice, token_chunk)
                 extra = {"usage": msgspec.to_builtins(usage())} if choice is choices[-1] else None
-                yield chunk(choice.index, choice.text.flush() or None, finish_reason(choice), extra=extra)
+                await write(chunk(choice.index, choice.text.flush() or None, finish_reason(choice), extra=extra))
         except APIError as exc:
-            yield b"data: " + _json.encode(exc.body) + b"\n\n"
+            await write(b"data: " + _json.encode(exc.body) + b"\n\n")
         except Exception as exc:  # the stream has started; report in-band rather than drop the connection
             log.exception("generation failed in %s", request_id)
             error = ErrorResponse(ErrorBody(f"generation failed: {exc}", "server_error"))
-            yield b"data: " + _json.encode(error) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            await write(b"data: " + _json.encode(error) + b"\n\n")
+        await write(b"data: [DONE]\n\n")

@@ -72,7 +72,6 @@ class Choice:
     prompt: list[int]
     params: GenerationParams
     text: TextStream
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the node, one per token
     count: int = 0  # tokens generated
     pieces: list[str] = field(default_factory=list)
     reported: list[TokenLogprob] = field(default_factory=list)  # entries of tokens that show as text

@@ -35,7 +35,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 Handler = Callable[[bytes], Awaitable[bytes]]
-StreamHandler = Callable[[bytes], AsyncIterator[bytes]]
+StreamHandler = Callable[[bytes, Callable[[bytes], Awaitable[None]]], Awaitable[None]]  # (request, send)
 
 
 class PeerError(RuntimeError):
@@ -112,11 +112,12 @@ class RPCServer:
 
 
     def _wrap_stream(self, name: str, handler: StreamHandler):
-        async def serve(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def serve(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            """A coroutine, not a generator: the handler writes each message itself, so its
+            task groups close inside it rather than across a suspended generator."""
             await self._refuse_strangers(name, context)
             try:
-                async for message in handler(request):
-                    yield message
+                await handler(request, context.write)
             except BadMessage as exc:
                 self.rejected += 1
                 log.warning("rejected %s message (%d so far): %s", name, self.rejected, exc)

@@ -8,7 +8,8 @@ scheduler run on one node, the draft node (by default the one holding layer 0, e
 Upstream-compatible in spirit: `process_prompt` / `process_tensor`, per-request token
 buffers, `on_token(request_id, tokens, is_finished)` callbacks (several tokens per call
 when a speculative block verifies several), and `broadcast_opaque_status`. The API drives
-`generate`, an async iterator that stops (and frees caches) when its consumer goes away.
+`generate`, an async context manager whose stream of blocks stops (and frees caches) when
+its consumer leaves it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import uuid
 from collections import OrderedDict, deque
 from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
@@ -27,7 +28,6 @@ import numpy as np
 from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTableFull
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
-from exo.inference.logprobs import TokenLogprob
 from exo.inference.shard import Shard
 from exo.models import ModelRegistry
 from exo.orchestration import counters as status
@@ -42,6 +42,7 @@ from exo.speculative.config import AUTO, ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot
+from exo.speculative.pipeline.common import Emitted
 from exo.topology.partitioning import Stage
 
 log = logging.getLogger("exo.node")
@@ -55,8 +56,9 @@ CACHE_FULL = "cache_full"  # an engine refused a request: its cache table was fu
 class RequestOutcome(msgspec.Struct, frozen=True):
     finish_reason: str | None
     metrics: MetricsSnapshot | None
+
+
 TokenCallback = Callable[[str, list[int], bool], None]
-Block = tuple[list[int], bool, list[TokenLogprob]]  # tokens, finished, their log-probs (if asked)
 StatusCallback = Callable[[str, str], None]
 REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT)
 
@@ -214,37 +216,45 @@ class Node:
             await self.engine.ensure_draft(model_id, config.draft_model, strict=True)
 
     # -- generation ----------------------------------------------------------------------
+    @asynccontextmanager
     async def generate(self, model_id: str | None, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
-                       here: bool = False, logprobs: list[TokenLogprob] | None = None,
-                       slot: str | None = None) -> AsyncIterator[list[int]]:
-        """Yield tokens block by block. `here`: schedule on this node whatever the ring says
-        (a peer forwarded the request to us; sending it on could loop). `logprobs`: a list the
-        caller owns, extended before each yield with the block's entries (when
-        `params.logprobs` asks), so entry i is always output token i's. `slot`: the request id
-        whose admission slot this generation runs under (a stream's choices, one after another,
-        share their response's slot)."""
+                       here: bool = False, slot: str | None = None) -> AsyncIterator[AsyncIterator[Emitted]]:
+        """The request's verified blocks while the `async with` is open; leaving it stops the
+        request wherever it runs (the scheduler's tasks live in this context, not in a
+        generator). `here`: schedule on this node whatever the ring says (a peer forwarded the
+        request to us; sending it on could loop). `slot`: the request id whose admission slot
+        this generation runs under (a stream's choices, one after another, share their
+        response's slot).
+
+            async with node.generate(model_id, prompt, params) as blocks:
+                async for block in blocks: ...
+        """
         request_id = request_id or uuid.uuid4().hex
         shard = await self.shard_for(model_id)
         config = config or self.config
         async with self.admit(slot or request_id):
             self._active += 1
             self.counters.prompt_tokens += len(prompt)
-            outcome = status.STOPPED  # unless the stream ends or fails below
+            outcome = status.STOPPED  # unless the stream is read to its end or fails below
+            exhausted = False
+
+            async def relay(blocks: AsyncIterator[Emitted]) -> AsyncIterator[Emitted]:
+                nonlocal exhausted
+                async for block in blocks:
+                    self._fire_tokens(request_id, block.tokens, block.finish_reason is not None)
+                    self.counters.generated_tokens += len(block.tokens)
+                    yield block
+                exhausted = True
+
             try:
                 scheduler = self.id if here else self.scheduler_node()
-                if scheduler == self.id:
-                    blocks = self._generate_here(shard, prompt, params, config, request_id)
-                else:
-                    blocks = self._generate_on(scheduler, shard, prompt, params, config, request_id)
-                async with aclosing(blocks) as stream:
-                    async for tokens, finished, entries in stream:
-                        if logprobs is not None and entries:
-                            logprobs.extend(entries)
-                        self._fire_tokens(request_id, tokens, finished)
-                        self.counters.generated_tokens += len(tokens)
-                        yield tokens
-                outcome = status.COMPLETED
+                source = (self._generate_here(shard, prompt, params, config, request_id) if scheduler == self.id
+                          else aclosing(self._generate_on(scheduler, shard, prompt, params, config, request_id)))
+                async with source as blocks, aclosing(relay(blocks)) as relayed:
+                    yield relayed
+                if exhausted:
+                    outcome = status.COMPLETED
             except anyio.get_cancelled_exc_class():
                 outcome = status.CANCELLED
                 raise
@@ -273,8 +283,9 @@ class Node:
         members = [stage.node_id for stage in self._ring]
         return self.draft_node if self.draft_node in members else members[0]
 
+    @asynccontextmanager
     async def _generate_here(self, shard: Shard, prompt: list[int], params: GenerationParams,
-                             config: SpeculativeConfig, request_id: str) -> AsyncIterator[Block]:
+                             config: SpeculativeConfig, request_id: str) -> AsyncIterator[AsyncIterator[Emitted]]:
         verifier = None
         if self._ring is not None and self.cluster is not None:
             cluster = self.cluster
@@ -283,11 +294,7 @@ class Node:
                                     cluster.timeouts.send_s)
         try:
             async with self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier) as blocks:
-                reported = 0
-                async for tokens in blocks:
-                    request = self.engine.requests[request_id]
-                    entries, reported = request.logprobs[reported:], len(request.logprobs)
-                    yield tokens, request.finish_reason is not None, entries
+                yield blocks
         finally:  # counted however the request ended
             request = self.engine.requests.get(request_id)
             if request is not None and config.enabled:
@@ -304,7 +311,7 @@ class Node:
         self.recent.append(entry)
 
     async def _generate_on(self, scheduler: str, shard: Shard, prompt: list[int], params: GenerationParams,
-                           config: SpeculativeConfig, request_id: str) -> AsyncIterator[Block]:
+                           config: SpeculativeConfig, request_id: str) -> AsyncIterator[Emitted]:
         assert self.cluster is not None
         request = protocol.encode(protocol.GenerateRequest(request_id, shard.model_id, list(prompt), params,
                                                            config))
@@ -324,33 +331,32 @@ class Node:
                     self.remote_outcomes[request_id] = RequestOutcome(chunk.finish_reason, chunk.metrics)
                     while len(self.remote_outcomes) > 256:
                         self.remote_outcomes.popitem(last=False)
-                yield chunk.tokens, chunk.finish_reason is not None, chunk.logprobs or []
+                yield Emitted(chunk.tokens, chunk.logprobs or [], chunk.finish_reason)
 
-    async def _serve_generate(self, payload: bytes) -> AsyncIterator[bytes]:
-        """The draft node's side of `_generate_on`: run the request here, stream its blocks."""
+    async def _serve_generate(self, payload: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """The draft node's side of `_generate_on`: run the request here, send its blocks."""
         request = decode_message(self._generate_decoder, payload)
-        logprobs: list[TokenLogprob] = []
         try:
-            async with aclosing(self.generate(request.model_id, request.prompt, request.params, request.config,
-                                              request.request_id, here=True, logprobs=logprobs)) as blocks:
-                async for tokens in blocks:
-                    entries = logprobs[len(logprobs) - len(tokens):] if request.params.logprobs is not None else None
-                    yield protocol.encode(protocol.GenerateChunk(tokens, entries))
+            async with self.generate(request.model_id, request.prompt, request.params, request.config,
+                                     request.request_id, here=True) as blocks:
+                async for block in blocks:
+                    entries = block.logprobs if request.params.logprobs is not None else None
+                    await send(protocol.encode(protocol.GenerateChunk(block.tokens, entries)))
         except ConfigError as exc:
-            yield protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind="config"))
+            await send(protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind="config")))
             return
         except AdmissionRejected as exc:  # the API node answers its client 429 with it
-            yield protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind=exc.reason,
-                                                         retry_after_s=exc.retry_after_s))
+            await send(protocol.encode(protocol.GenerateChunk(error=str(exc), error_kind=exc.reason,
+                                                              retry_after_s=exc.retry_after_s)))
             return
         except Exception as exc:  # reported to the API node, which answers its client with it
             log.warning("request %s from a peer failed: %s", request.request_id, exc)
-            yield protocol.encode(protocol.GenerateChunk(error=f"{type(exc).__name__}: {exc}",
-                                                         error_kind="cluster"))
+            await send(protocol.encode(protocol.GenerateChunk(error=f"{type(exc).__name__}: {exc}",
+                                                              error_kind="cluster")))
             return
         outcome = self.outcome(request.request_id)
-        yield protocol.encode(protocol.GenerateChunk(finish_reason=outcome.finish_reason if outcome else "stop",
-                                                     metrics=outcome.metrics if outcome else None))
+        await send(protocol.encode(protocol.GenerateChunk(finish_reason=outcome.finish_reason if outcome else "stop",
+                                                          metrics=outcome.metrics if outcome else None)))
 
     def outcome(self, request_id: str) -> RequestOutcome | None:
         """How a request ended (None while unknown), wherever it was scheduled."""
@@ -379,9 +385,9 @@ class Node:
             ids = self.engine.tokenizer.encode(prompt)
         params = GenerationParams(max_tokens=self.max_generate_tokens, temperature=self.default_temperature)
         out: list[int] = []
-        async with aclosing(self.generate(shard.model_id, ids, params, request_id=request_id)) as blocks:
-            async for tokens in blocks:
-                out += tokens
+        async with self.generate(shard.model_id, ids, params, request_id=request_id) as blocks:
+            async for block in blocks:
+                out += block.tokens
         return out
 
     async def process_tensor(self, shard: Shard, tensor: np.ndarray, request_id: str | None = None,

@@ -26,7 +26,7 @@ from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
 from exo.speculative.drafters import make_proposer
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
-from exo.speculative.pipeline.common import SpeculativeRequest
+from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
 from exo.speculative.pipeline.pipelined import pipelined_blocks
 from exo.speculative.pipeline.sequential import sequential_blocks
 from exo.speculative.verifier import TargetVerifier, Verifier
@@ -144,11 +144,11 @@ class SpeculativeInferenceEngine(InferenceEngine):
     async def generate(self, shard: Shard, prompt: list[int], params: GenerationParams,
                        config: SpeculativeConfig | None = None, request_id: str | None = None,
                        eos_ids: frozenset[int] | None = None,
-                       verifier: Verifier | None = None) -> AsyncIterator[AsyncIterator[list[int]]]:
-        """A stream of emitted tokens, block by block; `config` overrides the engine's for this request.
+                       verifier: Verifier | None = None) -> AsyncIterator[AsyncIterator[Emitted]]:
+        """A stream of verified blocks (`Emitted`); `config` overrides the engine's for this request.
 
             async with engine.generate(shard, prompt, params) as blocks:
-                async for tokens in blocks: ...
+                async for block in blocks: ...  # block.tokens, .logprobs, .finish_reason
 
         The request runs while the `async with` is open; leaving it stops the request and
         frees its caches. `verifier` replaces the local target (a ring of nodes holding its
@@ -181,8 +181,8 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.requests.popitem(last=False)
         try:
             verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
-            scheduler = pipelined_blocks if config.pipelined else sequential_blocks
-            async with scheduler(request, verifier, proposer) as blocks:
+            async with (pipelined_blocks if config.pipelined else sequential_blocks)(request, verifier,
+                                                                                     proposer) as blocks:
                 yield blocks
         finally:
             self.target.free_cache(request_id)

@@ -7,12 +7,12 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 
 
 async def collect(stream) -> list[int]:
-    """Every token a generation yields, in order: a stream of blocks, or an
-    `engine.generate(...)` context manager (entered here, so its tasks end with it)."""
+    """Every token a generation yields, in order: a stream of blocks (token lists or
+    `Emitted`), or a context manager that gives one (entered here, so its tasks end with it)."""
     if hasattr(stream, "__aiter__"):
-        return [token async for tokens in stream for token in tokens]
+        return [token async for block in stream for token in getattr(block, "tokens", block)]
     async with stream as blocks:
-        return [token async for tokens in blocks for token in tokens]
+        return [token async for block in blocks for token in getattr(block, "tokens", block)]
 
 
 _references: dict[tuple, list[int]] = {}

@@ -23,6 +23,16 @@ from exo.speculative.verifier import Verdict, Verifier
 log = logging.getLogger("exo.speculative")
 
 
+@dataclass(frozen=True)
+class Emitted:
+    """One verified block as a scheduler hands it out. Log-probs and the finish reason travel
+    in the item, not in shared request state, because a pipelined verifier may already be
+    blocks ahead of whoever reads the stream."""
+    tokens: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
+    finish_reason: str | None = None  # set on the request's last block only
+
+
 @dataclass
 class SpeculativeRequest:
     request_id: str
@@ -138,3 +148,8 @@ class SpeculativeRequest:
         if logprobs is not None:
             self.logprobs += logprobs[: len(emitted)]
         return emitted
+
+    def emitted(self, tokens: list[int]) -> Emitted:
+        """The stream item for `tokens`, the block `finish` just let through."""
+        entries = self.logprobs[len(self.logprobs) - len(tokens):] if tokens else []
+        return Emitted(tokens, entries, self.finish_reason)

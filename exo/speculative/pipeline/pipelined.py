@@ -32,7 +32,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from exo.inference.sampling import draft_rng, judge_rng
 from exo.speculative.drafters import DraftBlock, Proposer
-from exo.speculative.pipeline.common import SpeculativeRequest
+from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
@@ -54,10 +54,10 @@ class SideTimes:
 
 @asynccontextmanager
 async def pipelined_blocks(request: SpeculativeRequest, verifier: Verifier,
-                           proposer: Proposer | None) -> AsyncIterator[ObjectReceiveStream[list[int]]]:
-    """A stream of each verified block's emitted tokens while drafting and verifying run
+                           proposer: Proposer | None) -> AsyncIterator[ObjectReceiveStream[Emitted]]:
+    """A stream of verified blocks while drafting and verifying run
     concurrently; a failure comes out of the `async with` as itself, not in an exception group."""
-    out_send, out_recv = anyio.create_memory_object_stream[list[int]](math.inf)  # the verifier never waits
+    out_send, out_recv = anyio.create_memory_object_stream[Emitted](math.inf)  # the verifier never waits
     with out_send, out_recv:  # closed even if the request is stopped before its task starts
         try:
             async with anyio.create_task_group() as group:
@@ -87,11 +87,11 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Proposer | None,
-               out_send: ObjectSendStream[list[int]]) -> None:
+               out_send: ObjectSendStream[Emitted]) -> None:
     async with out_send:  # the request's end is the stream's
         rng = judge_rng(request.params.seed)
         committed = await request.prefill(verifier, rng, proposer)
-        await out_send.send(committed[len(request.prompt):])
+        await out_send.send(request.emitted(committed[len(request.prompt):]))
         if request.finish_reason is not None:
             return
         proposer = await request.prefill_draft(proposer)
@@ -112,7 +112,7 @@ async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Propos
 
 async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: list[int],
                     rng: np.random.Generator, blocks: ObjectReceiveStream[DraftBlock],
-                    verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[list[int]],
+                    verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[Emitted],
                     times: SideTimes) -> None:
     epoch = 0
     drafts_open = True
@@ -144,7 +144,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
             committed += emitted
             if verdict.diverged:
                 epoch += 1
-            await out.send(emitted)
+            await out.send(request.emitted(emitted))
             if drafts_open:
                 try:
                     await verdicts.send(VerdictMessage(epoch, emitted, verdict.accepted))

@@ -13,26 +13,26 @@ from typing import AsyncIterator
 
 from exo.inference.sampling import draft_rng, judge_rng
 from exo.speculative.drafters import DraftBlock, Proposer
-from exo.speculative.pipeline.common import SpeculativeRequest
+from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
 
 
 def sequential_blocks(request: SpeculativeRequest, verifier: Verifier,
-                      proposer: Proposer | None) -> AbstractAsyncContextManager[AsyncIterator[list[int]]]:
+                      proposer: Proposer | None) -> AbstractAsyncContextManager[AsyncIterator[Emitted]]:
     """`run_sequential` in the shape of `pipelined_blocks`: `async with` it to read the blocks."""
     return aclosing(run_sequential(request, verifier, proposer))
 
 
 async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
-                         proposer: Proposer | None) -> AsyncIterator[list[int]]:
-    """Yield each verified block's emitted tokens (1..K+1 per yield). It runs no task of its
+                         proposer: Proposer | None) -> AsyncIterator[Emitted]:
+    """Yield each verified block (1..K+1 tokens per yield). It runs no task of its
     own, so a generator is safe here (no task group is open across a yield)."""
     rid, params = request.request_id, request.params
     rng, proposal_rng = judge_rng(request.params.seed), draft_rng(request.params.seed)
     committed = await request.prefill(verifier, rng, proposer)
-    yield committed[len(request.prompt):]
+    yield request.emitted(committed[len(request.prompt):])
     proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
         k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
@@ -60,4 +60,4 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
         emitted = request.finish(verdict.emitted, verdict.logprobs)
         request.verified(block, verdict, emitted, drafted - started, verified - drafted, proposer is not None)
         committed += emitted
-        yield emitted
+        yield request.emitted(emitted)
