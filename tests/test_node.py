@@ -2,8 +2,10 @@
 
 import json
 
+import anyio
 import numpy as np
 
+from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
@@ -39,3 +41,29 @@ async def test_process_tensor_and_status(tiny_llama):
     await node.broadcast_opaque_status("t", json.dumps({"type": "kv_rollback", "keep": 2}))
     assert seen == [("t", "kv_rollback")]
     node.close()
+
+
+async def test_a_slow_reader_of_a_pipelined_request_sees_each_blocks_own_end_and_logprobs(tiny_llama,
+                                                                                      tiny_llama_other):
+    """The pipelined verifier runs ahead of a slow reader; the finish flag and log-probs a
+    block arrives with are still that block's, not the request's state by the time it is read."""
+    node = make_node(tiny_llama, tiny_llama_other, enabled=True, pipelined=True, draft_tokens=2,
+                     adaptive_speculation=False, acceptance_threshold=0)
+    calls = []
+    node.on_token.append(lambda rid, tokens, finished: calls.append((list(tokens), finished)))
+    params = GenerationParams(max_tokens=16, temperature=0.0, logprobs=0)
+    try:
+        blocks, state_when_read = [], []
+        async with node.generate(None, [3, 1, 4], params, request_id="slow") as stream:
+            async for block in stream:
+                blocks.append(block)
+                await anyio.sleep(0.2)  # the verifier finishes the request long before this loop does
+                state_when_read.append(node.engine.requests["slow"].finish_reason)
+        assert state_when_read[0] == "length"  # the request had ended while its first blocks were unread
+        assert len(blocks) > 2 and sum(len(b.tokens) for b in blocks) == 16
+        assert [b.finish_reason for b in blocks] == [None] * (len(blocks) - 1) + ["length"]
+        assert [finished for _, finished in calls] == [False] * (len(calls) - 1) + [True]
+        assert all(len(b.logprobs) == len(b.tokens) for b in blocks)
+        assert [e.token for b in blocks for e in b.logprobs] == [t for b in blocks for t in b.tokens]
+    finally:
+        node.close()
