@@ -43,11 +43,10 @@ async def test_process_tensor_and_status(tiny_llama):
     node.close()
 
 
-async def test_a_slow_reader_of_a_pipelined_request_sees_each_blocks_own_end_and_logprobs(tiny_llama,
-                                                                                      tiny_llama_other):
+async def test_a_slow_reader_of_a_pipelined_request_sees_each_blocks_own_end_and_logprobs(tiny_llama):
     """The pipelined verifier runs ahead of a slow reader; the finish flag and log-probs a
     block arrives with are still that block's, not the request's state by the time it is read."""
-    node = make_node(tiny_llama, tiny_llama_other, enabled=True, pipelined=True, draft_tokens=2,
+    node = make_node(tiny_llama, tiny_llama, enabled=True, pipelined=True, draft_tokens=2,
                      adaptive_speculation=False, acceptance_threshold=0)
     calls = []
     node.on_token.append(lambda rid, tokens, finished: calls.append((list(tokens), finished)))
@@ -59,8 +58,8 @@ async def test_a_slow_reader_of_a_pipelined_request_sees_each_blocks_own_end_and
                 blocks.append(block)
                 await anyio.sleep(0.2)  # the verifier finishes the request long before this loop does
                 state_when_read.append(node.engine.requests["slow"].finish_reason)
-        assert state_when_read[0] == "length"  # the request had ended while its first blocks were unread
-        assert len(blocks) > 2 and sum(len(b.tokens) for b in blocks) == 16
+        assert state_when_read[1] == "length"  # the request had ended while its early blocks were unread
+        assert len(blocks) > 2 and any(len(b.tokens) > 1 for b in blocks) and sum(len(b.tokens) for b in blocks) == 16
         assert [b.finish_reason for b in blocks] == [None] * (len(blocks) - 1) + ["length"]
         assert [finished for _, finished in calls] == [False] * (len(calls) - 1) + [True]
         assert all(len(b.logprobs) == len(b.tokens) for b in blocks)
