@@ -1,0 +1,152 @@
+"""A suffix-automaton drafter: propose what followed the longest earlier repeat of the text's end.
+
+Model-free and deterministic: per request, a `SuffixAutomaton` indexes the prompt and
+then the committed tokens; a block is the tokens that followed the earlier occurrence of
+the longest suffix of the sequence that occurred before, as many as the match length
+earns (`length_rule`), capped by `max_depth` and the caller's `k`. It costs microseconds
+per block and pays where the output repeats its context: code edits, quoting, lists,
+structured output, a model stuck in a loop.
+
+Only tokens known to be committed are indexed: the prompt at prefill, then up to the
+largest length passed to `accept`, lazily in the next `propose` (`accept` has the length,
+`propose` has the tokens). The rest of `committed` (tokens emitted but not yet confirmed
+by `accept`, and in a pipelined run the blocks still in flight) is a speculative tail
+that a copy of the match cursor runs over. That copy is kept between calls and resumed
+while the indexed text is unchanged, so a long run of accepted pipelined blocks costs per
+block only its own new tokens, never the history again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from exo.inference.generate import GenerationParams
+from exo.speculative.drafters import DraftBlock
+from exo.speculative.drafters.suffix_automaton import Cursor, SuffixAutomaton
+
+# The defaults, in one place (to be settled by measurement).
+DEFAULT_MIN_MATCH = 2  # shortest match worth proposing from
+DEFAULT_SPEC_FACTOR = 1.0  # tokens proposed per matched token
+DEFAULT_MAX_DEPTH = 32  # the drafter's own cap on a block, before the caller's k
+CHECK_WINDOW = 8  # indexed tokens compared against `committed` on every propose
+
+
+def default_length_rule(match_length: int) -> int:
+    """Block length for a match of `match_length` tokens: DEFAULT_SPEC_FACTOR per matched
+    token (a longer repeat is likelier to go on), before the caps."""
+    return math.ceil(DEFAULT_SPEC_FACTOR * match_length)
+
+
+class _Request:
+    __slots__ = ("automaton", "tokens", "known", "tail_end", "tail_last", "tail_cursor", "last_match")
+
+    def __init__(self, prompt: list[int]):
+        self.automaton = SuffixAutomaton(prompt)
+        self.tokens = list(prompt)  # the indexed tokens: committed for sure
+        self.known = len(prompt)  # the largest committed length we were told of
+        # The tail cursor of the last propose: `committed[len(tokens):tail_end]` run through.
+        self.tail_end = -1  # -1: none to resume
+        self.tail_last = -1  # committed[tail_end - 1] then, to spot a changed tail
+        self.tail_cursor: Cursor | None = None
+        self.last_match = 0
+
+
+class SuffixDrafter:
+    """A `Proposer` drafting from repeats within each request's own sequence."""
+
+    def __init__(self, min_match: int = DEFAULT_MIN_MATCH,
+                 length_rule: Callable[[int], int] = default_length_rule,
+                 max_depth: int = DEFAULT_MAX_DEPTH):
+        if min_match < 1:
+            raise ValueError(f"min_match must be at least 1, got {min_match}")
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be non-negative, got {max_depth}")
+        self.min_match, self.length_rule, self.max_depth = min_match, length_rule, max_depth
+        self._requests: dict[str, _Request] = {}
+
+    async def prefill(self, request_id: str, prompt: list[int]) -> None:
+        """Index the prompt (O(len(prompt)), once)."""
+        if request_id in self._requests:
+            raise RuntimeError(f"suffix drafter already holds {request_id!r} before its prefill")
+        self._requests[request_id] = _Request(prompt)
+
+    async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
+                      threshold: float, rng: np.random.Generator,
+                      interrupted: Callable[[], bool] = lambda: False, trusted: int = 0) -> DraftBlock:
+        """Up to `k` tokens after `committed`. `params`, `threshold`, `rng`, `interrupted`
+        and `trusted` are ignored: the draft is deterministic and takes microseconds."""
+        return self.draft(request_id, committed, k)
+
+    def draft(self, request_id: str, committed: list[int], k: int) -> DraftBlock:
+        """`propose` without the coroutine: the block after `committed`, at most `k` tokens."""
+        state = self._state(request_id)
+        automaton, tokens = state.automaton, state.tokens
+        n, indexed = len(committed), len(tokens)
+        if n < indexed:
+            raise RuntimeError(f"suffix drafter of {request_id!r} indexed {indexed} committed tokens but is asked "
+                               f"to draft after {n}: committed tokens were rolled back")
+        low = max(0, indexed - CHECK_WINDOW)
+        if committed[low:indexed] != tokens[low:indexed]:
+            raise RuntimeError(f"suffix drafter of {request_id!r}: the sequence to draft after disagrees with "
+                               f"the committed tokens it indexed (within positions {low}..{indexed - 1})")
+
+        stop = min(state.known, n)
+        if stop > indexed:  # tokens `accept` confirmed since: index them (each token once, ever)
+            new = committed[indexed:stop]
+            automaton.extend(new)
+            tokens.extend(new)
+            indexed = stop
+            state.tail_end = -1  # a tail cursor belongs to the automaton it ran on
+
+        end = state.tail_end
+        if indexed <= end <= n and (end == 0 or committed[end - 1] == state.tail_last):
+            cursor = automaton.follow(committed[end:n], state.tail_cursor)
+        else:
+            cursor = automaton.follow(committed[indexed:n])
+        state.tail_end, state.tail_last, state.tail_cursor = n, (committed[n - 1] if n else -1), cursor
+
+        match = cursor.length
+        state.last_match = match
+        depth = min(k, self.max_depth, self.length_rule(match)) if match >= self.min_match else 0
+        if depth <= 0:
+            return DraftBlock([], None, n, steps=0)
+        start = cursor.end + 1  # <= n - 1: the occurrence ends before the sequence does
+        if start + depth <= n:
+            block = committed[start:start + depth]
+        else:
+            # The continuation runs into the sequence's own end: copy on through what is
+            # being proposed (like an overlapping LZ77 copy), i.e. repeat the period n - start.
+            period = committed[start:n]
+            block = (period * (depth // len(period) + 1))[:depth]
+        return DraftBlock(block, None, n, steps=0)
+
+    def accept(self, request_id: str, committed_length: int) -> None:
+        """The first `committed_length` tokens are committed; they get indexed by the next
+        propose. A length below what is already indexed is a bug in the caller."""
+        state = self._state(request_id)
+        if committed_length < len(state.tokens):
+            raise RuntimeError(f"suffix drafter of {request_id!r} indexed {len(state.tokens)} committed tokens but "
+                               f"is told only {committed_length} are committed")
+        state.known = max(state.known, committed_length)
+        state.tail_end = -1  # what lay past the committed prefix may have been rejected
+
+    def release(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def last_match(self, request_id: str) -> int:
+        """The match length behind the request's last proposal (also when it was below
+        `min_match` and nothing was proposed); 0 before any."""
+        return self._state(request_id).last_match
+
+    def indexed(self, request_id: str) -> int:
+        """How many tokens of the request are indexed (all committed)."""
+        return len(self._state(request_id).tokens)
+
+    def _state(self, request_id: str) -> _Request:
+        state = self._requests.get(request_id)
+        if state is None:
+            raise RuntimeError(f"suffix drafter holds nothing for {request_id!r}: prefill it first")
+        return state
