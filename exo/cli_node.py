@@ -24,6 +24,7 @@ from exo.networking.peer_info import PeerInfo, total_memory
 from exo.orchestration.cluster import Cluster
 from exo.orchestration.node import Node
 from exo.speculative.config import ConfigError
+from exo.speculative.engine import wants_draft_model
 
 log = logging.getLogger("exo")
 
@@ -90,7 +91,7 @@ async def serve_command(args: argparse.Namespace) -> int:
             if discovery is None:  # alone for good: load now, so the first request is quick
                 log.info("loading %s%s", args.default_model, " with speculative decoding" if config.enabled else "")
                 await node.shard_for(args.default_model)
-                if config.enabled:
+                if config.enabled and wants_draft_model(config, args.default_model):
                     await node.engine.ensure_draft(args.default_model, config.draft_model)
             api = ChatGPTAPI(node, api_key=args.api_key)
             warn_if_exposed(args.host, args.api_key)

@@ -16,7 +16,7 @@ from exo.inference.placement import PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
 from exo.inference.text_stream import TextStream
 from exo.models import UnknownModelError
-from exo.speculative.config import ConfigError, SpeculativeConfig
+from exo.speculative.config import DRAFTERS, ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 
 
@@ -45,7 +45,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SpeculativeConfig()
     group = parser.add_argument_group("speculative decoding")
-    group.add_argument("--enable-speculative", action="store_true", help="draft with a small model, verify exactly")
+    group.add_argument("--enable-speculative", action="store_true", help="draft tokens (see --drafter) and verify them exactly")
+    group.add_argument("--drafter", choices=DRAFTERS, default=defaults.drafter,
+                       help="what proposes tokens: model (a small draft model), suffix (repeats of the prompt "
+                            "and output, no model), hybrid (the better of the two per block), auto (default: "
+                            "hybrid when a draft model is available, else suffix)")
+    group.add_argument("--suffix-max-depth", type=int, default=defaults.suffix_max_depth,
+                       help=f"longest block the suffix drafter copies (default {defaults.suffix_max_depth})")
     group.add_argument("--draft-model", default=defaults.draft_model,
                        help="draft model id, directory or .gguf (default: auto, from the draft-pair table)")
     group.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
@@ -69,7 +75,8 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     return SpeculativeConfig(
         enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
         acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
-        adaptive_speculation=not args.fixed_k, pipelined=args.pipelined,
+        adaptive_speculation=not args.fixed_k, pipelined=args.pipelined, drafter=args.drafter,
+        suffix_max_depth=args.suffix_max_depth,
     )
 
 

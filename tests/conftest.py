@@ -65,7 +65,9 @@ def mlx_engine():
 @pytest.fixture
 def make_speculative():
     """Builds speculative engines (MLX target and draft unless a test passes its own) and
-    closes every one it built, with both of its engines, when the test ends."""
+    closes every one it built, with both of its engines, when the test ends. The drafter is
+    the draft model unless a test names another: most tests here are about the model's
+    caches and acceptance (tests/test_hybrid.py covers the suffix and hybrid drafters)."""
     from exo.inference.mlx.engine import MLXInferenceEngine
     from exo.speculative.config import SpeculativeConfig
     from exo.speculative.engine import SpeculativeInferenceEngine
@@ -74,6 +76,7 @@ def make_speculative():
 
     def make(draft_model, target=None, draft=None, events=None, **config) -> SpeculativeInferenceEngine:
         config.setdefault("enabled", True)
+        config.setdefault("drafter", "model")
         engine = SpeculativeInferenceEngine(target or MLXInferenceEngine(), draft or MLXInferenceEngine(),
                                             SpeculativeConfig(draft_model=str(draft_model), **config),
                                             events=events)

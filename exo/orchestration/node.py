@@ -39,7 +39,7 @@ from exo.orchestration.counters import NodeCounters
 from exo.orchestration.ring_stage import RingError, decode_message
 from exo.orchestration.ring_verifier import RingVerifier
 from exo.speculative.config import AUTO, ConfigError, SpeculativeConfig
-from exo.speculative.engine import SpeculativeInferenceEngine
+from exo.speculative.engine import SpeculativeInferenceEngine, wants_draft_model
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot
 from exo.speculative.pipeline.common import Emitted
@@ -212,7 +212,8 @@ class Node:
     async def check_draft(self, model_id: str, config: SpeculativeConfig) -> None:
         """Load a draft a request asked for, now: ConfigError if it is unusable, before any
         token is sent (only where this node schedules; a peer reports it in its stream)."""
-        if config.enabled and self.engine.draft_is_requested(config) and self.scheduler_node() == self.id:
+        if (config.enabled and self.engine.draft_is_requested(config) and wants_draft_model(config, model_id)
+                and self.scheduler_node() == self.id):
             await self.engine.ensure_draft(model_id, config.draft_model, strict=True)
 
     # -- generation ----------------------------------------------------------------------
@@ -297,8 +298,10 @@ class Node:
                 yield blocks
         finally:  # counted however the request ended
             request = self.engine.requests.get(request_id)
-            if request is not None and config.enabled:
-                self.counters.speculation(config.drafter, request.metrics.drafted, request.metrics.accepted)
+            if request is not None:
+                for drafter, counts in request.metrics.per_drafter.items():
+                    if drafter != "none":
+                        self.counters.speculation(drafter, counts.drafted, counts.accepted)
             if verifier is not None:
                 times = verifier.times
                 self.counters.ring(times.passes, times.wall,

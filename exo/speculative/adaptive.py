@@ -111,6 +111,12 @@ class AdaptiveK:
         if k and cycle_s is not None and draft_s + verify_s > 0:
             self.overlap.update(cycle_s / (draft_s + verify_s))
 
+    def observe_verify(self, length: int, verify_s: float) -> None:
+        """Learn from a block another drafter proposed: only the target's cost per input
+        length carries over; the model's acceptance and step cost are not in it."""
+        self.steps += 1
+        self.verify.setdefault(length, WindowedMedian(self.window)).update(verify_s)
+
     def acceptance_at(self, i: int) -> float:
         """Position i's estimate; a never-tried position borrows the deepest tried one's."""
         for rate in reversed(self.acceptance[: i + 1]):

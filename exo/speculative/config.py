@@ -5,7 +5,11 @@ from __future__ import annotations
 import msgspec
 
 AUTO = "auto"
-DRAFTERS = ("model",)  # what may propose tokens (see exo.speculative.drafters)
+# What may propose tokens (see exo.speculative.drafters): a small model, repeats of the
+# request's own text (a suffix automaton), the better of the two per block, or "auto":
+# hybrid when a draft model is available, else the suffix drafter alone.
+DRAFTERS = (AUTO, "model", "suffix", "hybrid")
+MODEL_DRAFTERS = ("model", "hybrid")  # those that need a draft model
 
 # Target -> draft. Every pair shares one tokenizer (same ids; small Qwen models pad the
 # vocabulary to 151936, large ones to 152064, which is fine).
@@ -45,7 +49,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     max_speculation_depth: int = 8
     adaptive_speculation: bool = True
     pipelined: bool = False
-    drafter: str = "model"
+    drafter: str = AUTO
+    suffix_min_match: int = 2  # shortest repeat (tokens) the suffix drafter copies from
+    suffix_max_depth: int = 32  # the suffix drafter's own cap on a block
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_speculation_depth <= 64:
@@ -61,6 +67,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError("draft_model must be a model id or 'auto'")
         if self.drafter not in DRAFTERS:
             raise ConfigError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if not 1 <= self.suffix_min_match <= 64:
+            raise ConfigError(f"suffix_min_match must be in 1..64, got {self.suffix_min_match}")
+        if not 1 <= self.suffix_max_depth <= 256:
+            raise ConfigError(f"suffix_max_depth must be in 1..256, got {self.suffix_max_depth}")
 
     def merged(self, overrides: dict) -> "SpeculativeConfig":
         """This config with the fields in `overrides` replaced (validated, unknown fields refused)."""

@@ -22,7 +22,7 @@ from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
-from exo.speculative.config import ConfigError, SpeculativeConfig, choose_draft
+from exo.speculative.config import AUTO, DRAFT_PAIRS, MODEL_DRAFTERS, ConfigError, SpeculativeConfig, choose_draft
 from exo.speculative.drafters import make_proposer
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
@@ -72,7 +72,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
 
     async def ensure_shard(self, shard: Shard) -> None:
         await self.target.ensure_shard(shard)
-        if self.config.enabled:
+        if self.config.enabled and wants_draft_model(self.config, shard.model_id):
             await self.ensure_draft(shard.model_id, self.config.draft_model)
 
     async def load_checkpoint(self, shard: Shard, path: str) -> None:
@@ -158,9 +158,10 @@ class SpeculativeInferenceEngine(InferenceEngine):
         request_id = request_id or uuid.uuid4().hex
         if verifier is None:
             await self.target.ensure_shard(shard)
-        draft_shard = (await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
-                       if config.enabled else None)
-        proposer = make_proposer(config, self.draft, draft_shard) if draft_shard is not None else None
+        draft_shard = None
+        if config.enabled and wants_draft_model(config, shard.model_id):
+            draft_shard = await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
+        drafter = resolved_drafter(config, draft_shard is not None)
         cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
                     type(verifier).__name__ if verifier is not None else "local")
         request = SpeculativeRequest(
@@ -173,7 +174,11 @@ class SpeculativeInferenceEngine(InferenceEngine):
             shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
             overlap_prefill=self.overlap_prefill,
         )
-        if config.enabled and proposer is None:
+        proposer = None
+        if drafter is not None:
+            config = msgspec.structs.replace(config, drafter=drafter)
+            proposer = make_proposer(config, self.draft, draft_shard, request.controller)
+        elif config.enabled:
             request.draft_failed("draft model unavailable")
         self.last_request = request
         self.requests[request_id] = request
@@ -212,3 +217,24 @@ class SpeculativeInferenceEngine(InferenceEngine):
 
     def request_metrics(self, request: SpeculativeRequest) -> MetricsSnapshot:
         return request.metrics.snapshot(request.controller.plain_step_time() or self._plain_step_time)
+
+
+def wants_draft_model(config: SpeculativeConfig, target_model: str) -> bool:
+    """Whether `config` drafts with a model for `target_model`: "model" and "hybrid" do;
+    "auto" does where a draft is named or the pair table knows one."""
+    if config.drafter == AUTO:
+        return config.draft_model != AUTO or target_model in DRAFT_PAIRS
+    return config.drafter in MODEL_DRAFTERS
+
+
+def resolved_drafter(config: SpeculativeConfig, have_draft_model: bool) -> str | None:
+    """The drafter to run: "auto" is hybrid with a draft model, the suffix drafter without;
+    a hybrid whose model is unavailable degrades to the suffix drafter, a model drafter to
+    none (plain decoding)."""
+    if not config.enabled:
+        return None
+    if config.drafter == "suffix":
+        return "suffix"
+    if config.drafter in (AUTO, "hybrid"):
+        return "hybrid" if have_draft_model else "suffix"
+    return "model" if have_draft_model else None

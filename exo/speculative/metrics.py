@@ -5,6 +5,37 @@ from __future__ import annotations
 import msgspec
 
 
+class DrafterSnapshot(msgspec.Struct, frozen=True):
+    """One drafter's share of a request or an engine ("none": blocks verified without a draft)."""
+
+    blocks: int
+    drafted_tokens: int
+    accepted_tokens: int
+    emitted_tokens: int
+    acceptance_rate: float
+    tokens_per_verify: float  # emitted per block of this drafter, the verify's own token included
+    draft_time: float
+    verification_time: float
+
+
+class _DrafterCounts:
+    __slots__ = ("blocks", "drafted", "accepted", "emitted", "draft_time", "verification_time")
+
+    def __init__(self) -> None:
+        self.blocks = self.drafted = self.accepted = self.emitted = 0
+        self.draft_time = self.verification_time = 0.0
+
+    def add(self, other: "_DrafterCounts") -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def snapshot(self) -> DrafterSnapshot:
+        return DrafterSnapshot(self.blocks, self.drafted, self.accepted, self.emitted,
+                               self.accepted / self.drafted if self.drafted else 0.0,
+                               self.emitted / self.blocks if self.blocks else 0.0, self.draft_time,
+                               self.verification_time)
+
+
 class MetricsSnapshot(msgspec.Struct, frozen=True):
     """What `get_metrics()` returns and metric events carry."""
 
@@ -26,6 +57,7 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     pipeline_idle: dict[str, float] = {}  # pipelined: seconds the draft / verify side waited
     prefill_time: float = 0.0  # seconds of the prompt pass(es) up to the first token
     draft_prefill_time: float = 0.0  # seconds of the draft's prompt pass (never in draft_time)
+    per_drafter: dict[str, DrafterSnapshot] = {}  # the same counts split by who drafted each block
 
 
 class SpeculativeMetrics:
@@ -40,8 +72,10 @@ class SpeculativeMetrics:
         self.prefill_emitted = 0  # the first token, sampled from the prompt pass
         self.pipeline_busy: dict[str, float] = {}  # pipelined: seconds each side computed
         self.pipeline_idle: dict[str, float] = {}  # pipelined: seconds each side waited
+        self.per_drafter: dict[str, _DrafterCounts] = {}
 
-    def record_step(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+    def record_step(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float,
+                    drafter: str = "model") -> None:
         """Count one verification by what it put in the output. When the end of the output
         (EOS or the token budget) cuts a block after `emitted` tokens, the caller passes the
         block as seen up to there: k and accepted at most `emitted`."""
@@ -53,6 +87,13 @@ class SpeculativeMetrics:
         self.verification_time += verify_s
         self.decode_time += draft_s + verify_s
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+        counts = self.per_drafter.setdefault(drafter, _DrafterCounts())
+        counts.blocks += 1
+        counts.drafted += k
+        counts.accepted += accepted
+        counts.emitted += emitted
+        counts.draft_time += draft_s
+        counts.verification_time += verify_s
         while len(self.position_tries) < k:
             self.position_tries.append(0)
             self.position_accepts.append(0)
@@ -71,6 +112,8 @@ class SpeculativeMetrics:
                 mine[side] = mine.get(side, 0.0) + seconds
         for k, n in other.k_histogram.items():
             self.k_histogram[k] = self.k_histogram.get(k, 0) + n
+        for drafter, counts in other.per_drafter.items():
+            self.per_drafter.setdefault(drafter, _DrafterCounts()).add(counts)
         for i, (tries, accepts) in enumerate(zip(other.position_tries, other.position_accepts)):
             if i >= len(self.position_tries):
                 self.position_tries.append(0)
@@ -92,4 +135,5 @@ class SpeculativeMetrics:
             draft_failures=self.draft_failures, fallback_steps=self.fallback_steps,
             pipeline_busy=dict(self.pipeline_busy), pipeline_idle=dict(self.pipeline_idle),
             prefill_time=self.prefill_time, draft_prefill_time=self.draft_prefill_time,
+            per_drafter={name: counts.snapshot() for name, counts in sorted(self.per_drafter.items())},
         )

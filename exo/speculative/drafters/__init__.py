@@ -14,6 +14,7 @@ import numpy as np
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
+from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.config import SpeculativeConfig
 
 
@@ -27,6 +28,7 @@ class DraftBlock:
     epoch: int = 0  # pipelined: which run of speculation since the last divergence
     draft_seconds: float = 0.0
     steps: int = 0  # draft forwards run for this block (one more than k after a confidence cut)
+    drafter: str = "model"  # which drafter proposed it (metrics, and what adaptive K learns from)
 
     @property
     def k(self) -> int:
@@ -46,18 +48,41 @@ class Proposer(Protocol):
         before. `threshold` and `trusted` may cut the block short where the drafter is
         unsure; `interrupted()` true means a verdict may have made the block moot."""
 
+    def limit(self, chosen_k: int) -> int:
+        """The most tokens the next block may hold when adaptive K chose `chosen_k` (the
+        model draft's best length; a free drafter may go beyond it)."""
+
     def accept(self, request_id: str, committed_length: int) -> None:
         """The first `committed_length` tokens are committed: forget proposals past them."""
+
+    def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
+        """`block` was judged (`accepted` of its tokens kept) and the first `committed_length`
+        tokens are final. Unlike `accept`, this never rolls back: in a pipelined run blocks
+        after this one may still be in flight."""
 
     def release(self, request_id: str) -> None:
         """The request is over: free what is held for it (idempotent)."""
 
 
-def make_proposer(config: SpeculativeConfig, engine: InferenceEngine, shard: Shard) -> Proposer:
-    """The drafter `config` asks for, drafting with the draft `engine` holding `shard`."""
+def make_proposer(config: SpeculativeConfig, engine: InferenceEngine | None, shard: Shard | None,
+                  controller: AdaptiveK) -> Proposer:
+    """The drafter `config.drafter` names ("auto" resolved by the caller), drafting with the
+    draft `engine` holding `shard` where it needs a model; `controller` is the request's."""
     # Imported here: drafter modules import this package for `DraftBlock`.
-    if config.drafter == "model":
-        from exo.speculative.drafters.model import ModelDrafter
+    from exo.speculative.drafters.suffix import SuffixDrafter
 
+    def suffix() -> SuffixDrafter:
+        return SuffixDrafter(min_match=config.suffix_min_match, max_depth=config.suffix_max_depth)
+
+    from exo.speculative.drafters.hybrid import HybridDrafter
+    from exo.speculative.drafters.model import ModelDrafter
+
+    if config.drafter == "suffix":  # copies alone, under the hybrid's policy of when they pay
+        return HybridDrafter(None, suffix(), controller)
+    if engine is None or shard is None:
+        raise ValueError(f"the {config.drafter!r} drafter needs a draft model")
+    if config.drafter == "model":
         return ModelDrafter(engine, shard)
+    if config.drafter == "hybrid":
+        return HybridDrafter(ModelDrafter(engine, shard), suffix(), controller)
     raise ValueError(f"unknown drafter {config.drafter!r}")

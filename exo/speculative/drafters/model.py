@@ -64,6 +64,12 @@ class ModelDrafter:
         vocab = rows[0].shape[-1] if rows else 0
         return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed), steps=steps)
 
+    def limit(self, chosen_k: int) -> int:
+        return chosen_k  # every token costs a draft step: adaptive K's choice is the limit
+
+    def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
+        """Nothing to learn here: adaptive K learns the model's acceptance."""
+
     def accept(self, request_id: str, committed_length: int) -> None:
         """Forget drafted tokens past the now-committed prefix."""
         held = self.engine.cache_offset(request_id)

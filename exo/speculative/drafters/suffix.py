@@ -112,7 +112,7 @@ class SuffixDrafter:
         state.last_match = match
         depth = min(k, self.max_depth, self.length_rule(match)) if match >= self.min_match else 0
         if depth <= 0:
-            return DraftBlock([], None, n, steps=0)
+            return DraftBlock([], None, n, steps=0, drafter="suffix")
         start = cursor.end + 1  # <= n - 1: the occurrence ends before the sequence does
         if start + depth <= n:
             block = committed[start:start + depth]
@@ -121,7 +121,15 @@ class SuffixDrafter:
             # being proposed (like an overlapping LZ77 copy), i.e. repeat the period n - start.
             period = committed[start:n]
             block = (period * (depth // len(period) + 1))[:depth]
-        return DraftBlock(block, None, n, steps=0)
+        return DraftBlock(block, None, n, steps=0, drafter="suffix")
+
+    def limit(self, chosen_k: int) -> int:
+        return self.max_depth  # drafting is free: the match decides, not adaptive K
+
+    def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
+        """Tokens up to `committed_length` are final: index them at the next propose."""
+        state = self._state(request_id)
+        state.known = max(state.known, committed_length)
 
     def accept(self, request_id: str, committed_length: int) -> None:
         """The first `committed_length` tokens are committed; they get indexed by the next

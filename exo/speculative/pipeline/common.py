@@ -117,10 +117,14 @@ class SpeculativeRequest:
         `emitted` is what `finish` let through of the verdict. Metrics count only that (a
         block cut by EOS or the budget counts as drafted and accepted up to the cut); the
         controller learns from the whole verdict, which says as much about the draft."""
-        self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps, cycle_s)
+        if block.k and block.drafter != "model":
+            self.controller.observe_verify(block.k + 1, verify_s)
+        else:
+            self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps, cycle_s)
         cut = len(emitted) < len(verdict.emitted)
         drafted = min(block.k, len(emitted)) if cut else block.k
-        self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s)
+        self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s,
+                                 block.drafter if block.k else "none")
         if not drafting and self.metrics.draft_failures:
             self.metrics.fallback_steps += 1
         self.publish(BlockVerified, block=self.blocks, drafted=drafted, accepted=min(verdict.accepted, len(emitted)),

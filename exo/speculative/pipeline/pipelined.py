@@ -158,17 +158,18 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
     rid = request.request_id
     epoch = 0
     sequence = list(committed)  # committed + drafted-but-unverified tokens
-    in_flight: list[int] = []  # sizes of sent, unverified blocks
+    in_flight: list[DraftBlock] = []  # sent, unverified blocks
 
     def apply(verdict: VerdictMessage) -> None:
         nonlocal epoch, sequence
         committed.extend(verdict.emitted)
-        in_flight.pop(0)
+        block = in_flight.pop(0)
         if verdict.epoch != epoch:
             epoch = verdict.epoch
             in_flight.clear()
             proposer.accept(rid, len(committed) - len(verdict.emitted) + verdict.accepted)
             sequence = list(committed)
+        proposer.verified(rid, block, verdict.accepted, len(committed))
 
     def drain() -> bool:
         """Apply every verdict that has arrived; True if one moved to a new epoch."""
@@ -178,6 +179,16 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                 apply(verdicts.receive_nowait())
             except anyio.WouldBlock:
                 return epoch != before
+
+    async def plain_step() -> None:
+        """One K = 0 block, waited for: with nothing in flight it is the next block."""
+        plain = DraftBlock([], None, len(sequence), epoch)
+        in_flight.append(plain)
+        await blocks.send(plain)
+        waited = time.perf_counter()
+        while in_flight:
+            apply(await verdicts.receive())
+        times.idle += time.perf_counter() - waited
 
     async with blocks, verdicts:
         try:
@@ -189,8 +200,8 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                     times.idle += time.perf_counter() - waited
                     continue
                 # Drafts past the budget could never be emitted; a deferred bonus needs no room.
-                k = request.draft_budget(request.controller.choose(), len(sequence) - len(request.prompt),
-                                         bonus=False)
+                k = request.draft_budget(proposer.limit(request.controller.choose()),
+                                         len(sequence) - len(request.prompt), bonus=False)
                 if k == 0 and len(sequence) - len(request.prompt) >= request.params.max_tokens:
                     waited = time.perf_counter()
                     apply(await verdicts.receive())  # everything left is in flight: wait for the end
@@ -199,13 +210,7 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                 if k == 0:
                     # Speculation does not pay right now: ask for one plain step and wait for it
                     # rather than burn shared compute and memory bandwidth on doomed drafts.
-                    plain = DraftBlock([], None, len(sequence), epoch)
-                    in_flight.append(0)
-                    await blocks.send(plain)
-                    waited = time.perf_counter()
-                    while in_flight:
-                        apply(await verdicts.receive())
-                    times.idle += time.perf_counter() - waited
+                    await plain_step()
                     continue
                 start_epoch = epoch
                 started = time.perf_counter()
@@ -218,11 +223,14 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                 block.draft_seconds = time.perf_counter() - started
                 times.busy += block.draft_seconds
                 drain()
-                if start_epoch != epoch or not block.tokens:
+                if start_epoch != epoch:
                     continue  # overtaken by a divergence while drafting: discard
+                if not block.tokens:
+                    await plain_step()  # nothing worth drafting here (e.g. no repeat to copy)
+                    continue
                 request.drafted(block)
                 sequence += block.tokens
-                in_flight.append(block.k)
+                in_flight.append(block)
                 waited = time.perf_counter()
                 await blocks.send(block)
                 times.idle += time.perf_counter() - waited

@@ -35,7 +35,8 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
     yield request.emitted(committed[len(request.prompt):])
     proposer = await request.prefill_draft(proposer)
     while request.finish_reason is None:
-        k = request.draft_budget(request.controller.choose(), request.produced) if proposer is not None else 0
+        k = (request.draft_budget(proposer.limit(request.controller.choose()), request.produced)
+             if proposer is not None else 0)
         block = DraftBlock([], None, len(committed))
         started = time.perf_counter()
         if k:
@@ -50,14 +51,16 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
         drafted = time.perf_counter()
         verdict = await verifier.verify(committed, block, rng)
         verified = time.perf_counter()
-        if proposer is not None and block.k:
+        emitted = request.finish(verdict.emitted, verdict.logprobs)
+        if proposer is not None:
             try:
-                proposer.accept(rid, block.base_length + verdict.accepted)
+                if block.k:
+                    proposer.accept(rid, block.base_length + verdict.accepted)
+                proposer.verified(rid, block, verdict.accepted, len(committed) + len(emitted))
             except Exception as exc:
                 log.exception("draft cache rollback failed in request %s; continuing with plain decoding", rid)
                 request.draft_failed(f"draft rollback failed: {exc}")
                 proposer = None
-        emitted = request.finish(verdict.emitted, verdict.logprobs)
         request.verified(block, verdict, emitted, drafted - started, verified - drafted, proposer is not None)
         committed += emitted
         yield request.emitted(emitted)

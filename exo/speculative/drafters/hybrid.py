@@ -1,0 +1,167 @@
+"""Hybrid drafting: for each block, a copy from the suffix drafter, a guess from the draft
+model, or no draft, whichever is expected to give the most tokens per second. Without a
+model it is the suffix drafter's policy alone: copy, and how much, only where it pays.
+
+The model's side comes from adaptive K (its per-position acceptance and measured step and
+verify costs). The copy's side is learned here, per match length: every block, whoever
+drafted it, the suffix drafter's candidate is scored against the tokens that were then
+committed. For a deterministic draft token x the target accepts with probability p(x),
+which is exactly the chance the committed token equals x, so that score is an unbiased
+sample of the copy's acceptance whether or not the copy was verified. A copy costs only
+its verify (the drafting takes microseconds), so its best length is the prefix with the
+most expected tokens per verify second.
+
+When copies were used, the draft model's cache lags the committed sequence; the model
+drafter catches it up in one pass over the missing tokens, the next time it drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from exo.inference.generate import GenerationParams
+from exo.speculative.adaptive import AdaptiveK, DecayedRate
+from exo.speculative.drafters import DraftBlock
+from exo.speculative.drafters.model import ModelDrafter
+from exo.speculative.drafters.suffix import SuffixDrafter
+
+# Before any evidence: a copied token is as likely kept as not. Two observations' weight,
+# so the first few scored candidates decide.
+PRIOR_COPY_ACCEPTANCE = 0.5
+PENDING_CANDIDATES = 8  # unscored candidates kept at most (a pipelined run has a few in flight)
+
+
+def match_bucket(match_length: int) -> int:
+    """Matches of similar length share an estimate: 2, 3, then powers of two up to 32."""
+    if match_length < 4:
+        return match_length
+    bucket = 4
+    while bucket * 2 <= min(match_length, 32):
+        bucket *= 2
+    return bucket
+
+
+@dataclass
+class _Candidate:
+    base: int  # committed length the copy extends
+    tokens: list[int]
+    bucket: int
+
+
+class HybridDrafter:
+    """A `Proposer` choosing per block between a `SuffixDrafter` and a `ModelDrafter`
+    (None: copies or nothing)."""
+
+    def __init__(self, model: ModelDrafter | None, suffix: SuffixDrafter, controller: AdaptiveK):
+        self.model, self.suffix, self.controller = model, suffix, controller
+        self.copy_acceptance: dict[int, DecayedRate] = {}
+        self._pending: list[_Candidate] = []
+        self._final = 0  # committed length known to be final
+
+    async def prefill(self, request_id: str, prompt: list[int]) -> None:
+        await self.suffix.prefill(request_id, prompt)
+        if self.model is not None:
+            await self.model.prefill(request_id, prompt)
+        self._final = len(prompt)
+
+    def limit(self, chosen_k: int) -> int:
+        return max(self._model_limit(chosen_k), self.suffix.limit(chosen_k))
+
+    def _model_limit(self, chosen_k: int) -> int:
+        return self.model.limit(chosen_k) if self.model is not None else 0
+
+    async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
+                      threshold: float, rng: np.random.Generator,
+                      interrupted: Callable[[], bool] = lambda: False, trusted: int = 0) -> DraftBlock:
+        self._score(committed)
+        copy = self.suffix.draft(request_id, committed, min(k, self.suffix.max_depth))
+        bucket = match_bucket(self.suffix.last_match(request_id))
+        if copy.tokens:
+            self._pending = [c for c in self._pending if c.base != len(committed)][-PENDING_CANDIDATES + 1:]
+            self._pending.append(_Candidate(len(committed), list(copy.tokens), bucket))
+            if self.controller.adaptive:
+                copy.tokens = copy.tokens[:self._best_copy_length(bucket, len(copy.tokens))]
+        model_k = min(k, self._model_limit(self.controller.choose()))
+        if self.controller.adaptive:
+            choice = self._choose(copy, bucket, model_k)
+        else:  # a fixed K decides by the text alone, never by timings, so a seed reproduces the output
+            choice = "suffix" if copy.tokens else "model" if model_k else "none"
+        if choice == "suffix":
+            return copy
+        if choice == "model" and self.model is not None:
+            return await self.model.propose(request_id, committed, model_k, params, threshold, rng,
+                                            interrupted, trusted)
+        return DraftBlock([], None, len(committed), drafter="none")
+
+    def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
+        self.suffix.verified(request_id, block, accepted, committed_length)
+        if self.model is not None:
+            self.model.verified(request_id, block, accepted, committed_length)
+        self._final = max(self._final, committed_length)
+
+    def accept(self, request_id: str, committed_length: int) -> None:
+        self.suffix.accept(request_id, committed_length)
+        if self.model is not None:
+            self.model.accept(request_id, committed_length)
+        self._final = max(self._final, committed_length)
+        # Candidates drafted after rejected tokens were copies for a sequence that never was.
+        self._pending = [c for c in self._pending if c.base <= committed_length]
+
+    def release(self, request_id: str) -> None:
+        self.suffix.release(request_id)
+        if self.model is not None:
+            self.model.release(request_id)
+
+    # -- choosing ---------------------------------------------------------------------------
+    def _rate(self, bucket: int) -> DecayedRate:
+        return self.copy_acceptance.setdefault(bucket, DecayedRate(PRIOR_COPY_ACCEPTANCE))
+
+    def _copy_tokens(self, bucket: int, n: int) -> float:
+        """Expected tokens per verify of an n-token copy: the verify's own one plus a^1..a^n."""
+        a = self._rate(bucket).value
+        return 1.0 + sum(a ** i for i in range(1, n + 1))
+
+    def _best_copy_length(self, bucket: int, n: int) -> int:
+        """The prefix of a copy with the most expected tokens per second of verify (all of it
+        until verify costs are measured)."""
+        costs = [self.controller.verify_cost(m + 1) for m in range(1, n + 1)]
+        if any(c is None for c in costs):
+            return n
+        return max(range(1, n + 1), key=lambda m: (self._copy_tokens(bucket, m) / costs[m - 1], -m))
+
+    def _choose(self, copy: DraftBlock, bucket: int, model_k: int) -> str:
+        """"suffix", "model" or "none" by expected tokens per second (a copy whenever there is
+        one while costs are still unmeasured: it costs nothing to try)."""
+        rates: dict[str, float | None] = {"none": self.controller.expected_rate(0)}
+        if copy.tokens:
+            verify = self.controller.verify_cost(copy.k + 1)
+            rates["suffix"] = self._copy_tokens(bucket, copy.k) / verify if verify else None
+        if model_k:
+            rates["model"] = self.controller.expected_rate(model_k)
+        if copy.tokens and rates["suffix"] is None:
+            return "suffix"
+        known = {name: rate for name, rate in rates.items() if rate is not None}
+        if not known:
+            return "model" if model_k else "none"
+        return max(known, key=lambda name: known[name])
+
+    # -- learning ---------------------------------------------------------------------------
+    def _score(self, committed: list[int]) -> None:
+        """Score every candidate whose fate the final tokens now decide (see the module doc)."""
+        final = min(self._final, len(committed))
+        still: list[_Candidate] = []
+        for candidate in self._pending:
+            span = committed[candidate.base:final]
+            kept = 0
+            while kept < min(len(span), len(candidate.tokens)) and span[kept] == candidate.tokens[kept]:
+                kept += 1
+            if kept < len(candidate.tokens) and kept == len(span):
+                still.append(candidate)  # undecided yet: the final tokens end inside the match
+                continue
+            rate = self._rate(candidate.bucket)
+            for i in range(min(len(candidate.tokens), kept + 1)):
+                rate.update(i < kept)
+        self._pending = still
