@@ -6,6 +6,8 @@ from typing import Union
 
 import msgspec
 
+from exo.speculative.metrics import DrafterSnapshot
+
 EVENT_VERSION = 1
 
 
@@ -19,10 +21,12 @@ class _Event(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_field
 class DraftProposed(_Event, tag="draft_proposed"):
     block: int = 0  # block index within the request
     tokens: int = 0  # draft tokens in the block
+    drafter: str = "model"  # who proposed it: model, suffix, none
 
 
 class BlockVerified(_Event, tag="block_verified"):
     block: int = 0
+    drafter: str = "model"
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
@@ -56,6 +60,7 @@ class MetricsUpdate(_Event, tag="metrics_update"):
     accepted_tokens: int = 0
     emitted_tokens: int = 0
     per_position_acceptance: list[float] = []
+    per_drafter: dict[str, DrafterSnapshot] = {}
 
 
 class SpeculationFallback(_Event, tag="speculation_fallback"):

@@ -104,7 +104,7 @@ class SpeculativeRequest:
                                            timestamp=time.time(), **fields))
 
     def drafted(self, block: DraftBlock) -> None:
-        self.publish(DraftProposed, block=self.blocks, tokens=block.k)
+        self.publish(DraftProposed, block=self.blocks, tokens=block.k, drafter=block.drafter)
 
     def draft_failed(self, reason: str) -> None:
         self.metrics.draft_failures += 1
@@ -127,8 +127,8 @@ class SpeculativeRequest:
                                  block.drafter if block.k else "none")
         if not drafting and self.metrics.draft_failures:
             self.metrics.fallback_steps += 1
-        self.publish(BlockVerified, block=self.blocks, drafted=drafted, accepted=min(verdict.accepted, len(emitted)),
-                     emitted=len(emitted), verify_seconds=verify_s)
+        self.publish(BlockVerified, block=self.blocks, drafter=block.drafter if block.k else "none", drafted=drafted,
+                     accepted=min(verdict.accepted, len(emitted)), emitted=len(emitted), verify_seconds=verify_s)
         self.publish(KVRollback, shard=self.shard_label, keep_tokens=verdict.kept)
         self.blocks += 1
         if self.events is not None:
