@@ -216,3 +216,22 @@ def test_a_copy_is_scored_against_what_was_committed_whoever_drafted():
     prior = 8 / 10 * 2  # L / (L + 2) with the weight of two observations
     assert rate.observed and rate.hits == pytest.approx(prior * 0.9 ** 3 + 0.9 ** 2 + 0.9) and \
         rate.misses == pytest.approx((2 - prior) * 0.9 ** 3 + 1)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_hybrid_switching_drafter_every_block_stays_exact(make_speculative, tiny_llama, monkeypatch,
+                                                                   pipelined):
+    """Model, copy, none, model, ...: the model's cache catches up after copies and stays
+    exact through rollbacks (same-model draft, so its blocks are all accepted)."""
+    turns = iter(range(10 ** 6))
+    choices = ("model", "suffix", "none")
+    monkeypatch.setattr(HybridDrafter, "_choose",
+                        lambda self, copy, bucket, model_k: choices[next(turns) % 3] if copy.tokens else "model")
+    engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="hybrid", pipelined=pipelined,
+                                 suffix_min_match=1)  # copies after any seen token: most blocks have one
+    params = GenerationParams(max_tokens=48, temperature=0.0)
+    for prompt in PROMPTS:
+        assert await collect(engine.generate(shard, prompt, params, eos_ids=frozenset())) == \
+            await plain_tokens(tiny_llama, prompt, params)
+    per = engine.get_metrics()["per_drafter"]
+    assert per["model"]["acceptance_rate"] == 1.0 and per["suffix"]["blocks"] > 0

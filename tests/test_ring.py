@@ -19,6 +19,8 @@ MODES = {
     "plain": None,
     "sequential": {"enabled": True, "draft_tokens": 4, "adaptive_speculation": False},
     "pipelined": {"enabled": True, "pipelined": True, "draft_tokens": 3, "adaptive_speculation": False},
+    # Copies from the request's own text (deterministic drafts: the ring sends no draft rows).
+    "suffix": {"enabled": True, "drafter": "suffix", "pipelined": True},
 }
 PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 
@@ -87,7 +89,7 @@ def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_l
                 body = response.json()
                 assert_same(body, single[prompt])
                 assert_stages_in_step(cluster.url, body["id"], ["node0", "node1", "node2"])
-                if speculative is not None:
+                if speculative is not None and mode != "suffix":  # a random model's text rarely repeats
                     spec = body["usage"]["speculative"]
                     assert spec["drafted_tokens"] > 0 and spec["acceptance_rate"] < 1.0, (mode, spec)
         # Any node's API serves: node 2 streams the request from the draft node (node 0).

@@ -205,6 +205,23 @@ async def test_sharded_chain_equals_whole(request, pairs, model_fixture, parts):
 PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72))]
 
 
+async def test_suffix_drafter_on_tinygrad_is_exact(pairs, tiny_llama):
+    """Copies verified by a tinygrad target: output equals plain MLX greedy decoding."""
+    pair = pairs("tiny_llama")
+    engine = SpeculativeInferenceEngine(pair.tiny, MLXInferenceEngine(), SpeculativeConfig(
+        enabled=True, drafter="suffix", adaptive_speculation=False))
+    params = GenerationParams(max_tokens=24, temperature=0.0)
+    try:
+        shard = await engine.full_shard(str(tiny_llama))
+        await engine.ensure_shard(shard)
+        for prompt in [*PROMPTS, [5, 9, 13, 17, 21] * 5]:
+            expected = await collect(generate_plain(pair.mlx, pair.shard, prompt, params))
+            assert await collect(engine.generate(shard, prompt, params, eos_ids=frozenset())) == expected
+        assert engine.get_metrics()["per_drafter"]["suffix"]["drafted_tokens"] > 0
+    finally:
+        engine.draft.close()
+
+
 @pytest.mark.parametrize("target_kind,draft_kind", [("tinygrad", "tinygrad"), ("mlx", "tinygrad"),
                                                     ("tinygrad", "mlx")])
 @pytest.mark.parametrize("draft", ["tiny_llama", "tiny_llama_other"])
@@ -215,7 +232,7 @@ async def test_speculative_greedy_identical_to_plain(request, pairs, tiny_llama,
     target = pair.tiny if target_kind == "tinygrad" else MLXInferenceEngine()
     draft_engine = TinygradInferenceEngine(warmup=(1, 2, 4)) if draft_kind == "tinygrad" else MLXInferenceEngine()
     engine = SpeculativeInferenceEngine(target, draft_engine, SpeculativeConfig(
-        enabled=True, draft_model=str(draft_dir), draft_tokens=3, adaptive_speculation=False,
+        enabled=True, drafter="model", draft_model=str(draft_dir), draft_tokens=3, adaptive_speculation=False,
         acceptance_threshold=0))
     params = GenerationParams(max_tokens=24, temperature=0.0)
     try:
@@ -242,7 +259,7 @@ async def test_speculative_on_smollm2_through_tinygrad_with_mlx_draft(pairs, smo
     pair = pairs("smollm2_dir")
     draft = MLXInferenceEngine()
     engine = SpeculativeInferenceEngine(pair.tiny, draft, SpeculativeConfig(
-        enabled=True, draft_model=str(smollm2_early_exit), draft_tokens=4))
+        enabled=True, drafter="model", draft_model=str(smollm2_early_exit), draft_tokens=4))
     try:
         await engine.ensure_shard(pair.shard)
         params = GenerationParams(max_tokens=24, temperature=0.0)
@@ -282,7 +299,7 @@ async def test_processes_placement_hosts_tinygrad_and_mixes_engines(pairs, tiny_
     target, draft = make_engine_pair("processes", "tinygrad", "mlx")
     assert (target.name, draft.name) == ("tinygrad", "mlx")
     engine = SpeculativeInferenceEngine(target, draft, SpeculativeConfig(
-        enabled=True, draft_model=str(tiny_llama), draft_tokens=3, adaptive_speculation=False,
+        enabled=True, drafter="model", draft_model=str(tiny_llama), draft_tokens=3, adaptive_speculation=False,
         acceptance_threshold=0))
     params = GenerationParams(max_tokens=16, temperature=0.0)
     try:

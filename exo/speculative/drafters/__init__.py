@@ -29,6 +29,9 @@ class DraftBlock:
     draft_seconds: float = 0.0
     steps: int = 0  # draft forwards run for this block (one more than k after a confidence cut)
     drafter: str = "model"  # which drafter proposed it (metrics, and what adaptive K learns from)
+    # Of draft_seconds, the part spent catching the draft up on committed tokens it had not
+    # seen (after copies, or a deferred prompt pass): real time, but not a draft step's cost.
+    catch_up_seconds: float = 0.0
 
     @property
     def k(self) -> int:

@@ -12,7 +12,10 @@ its verify (the drafting takes microseconds), so its best length is the prefix w
 most expected tokens per verify second.
 
 When copies were used, the draft model's cache lags the committed sequence; the model
-drafter catches it up in one pass over the missing tokens, the next time it drafts.
+drafter catches it up in one pass over the missing tokens, the next time it drafts. Its
+prompt pass is deferred the same way: the first blocks copy where they can, and a request
+that copies all the way never pays for the draft's prompt pass at all. An untried model is
+tried at the first block without a copy.
 """
 
 from __future__ import annotations
@@ -67,9 +70,7 @@ class HybridDrafter:
         self._final = 0  # committed length known to be final
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
-        await self.suffix.prefill(request_id, prompt)
-        if self.model is not None:
-            await self.model.prefill(request_id, prompt)
+        await self.suffix.prefill(request_id, prompt)  # the model's prompt pass waits for its first block
         self._final = len(prompt)
 
     def limit(self, chosen_k: int) -> int:
@@ -148,6 +149,8 @@ class HybridDrafter:
             rates["model"] = self.controller.expected_rate(model_k)
         if copy.tokens and rates["suffix"] is None:
             return "suffix"
+        if model_k and rates["model"] is None:  # untried: copy while there is one, else try it
+            return "suffix" if copy.tokens else "model"
         known = {name: rate for name, rate in rates.items() if rate is not None}
         if not known:
             return "model" if model_k else "none"

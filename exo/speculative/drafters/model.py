@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -12,6 +13,10 @@ from exo.inference.sampling import sample, warp
 from exo.inference.shard import Shard
 from exo.speculative.drafters import DraftBlock
 from exo.speculative.kv import rollback_to
+
+# More unseen tokens than this (after copies, or a deferred prompt pass) get a pass of their
+# own; a step after a normal verdict sees one or two, and splitting those would cost a pass.
+CATCH_UP_AFTER = 8
 
 
 class ModelDrafter:
@@ -41,6 +46,12 @@ class ModelDrafter:
         pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
         if not pending:
             raise RuntimeError(f"draft cache of {request_id!r} is ahead of the committed sequence")
+        caught_up = 0.0
+        if len(pending) > CATCH_UP_AFTER:  # one pass over what it missed, timed apart from the steps
+            started = time.perf_counter()
+            await self.engine.infer_tensor(request_id, self.shard, np.asarray([pending[:-1]]), last_only())
+            caught_up = time.perf_counter() - started
+            pending = pending[-1:]
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         step_input = pending
@@ -62,7 +73,8 @@ class ModelDrafter:
             rows.append(probs)
             step_input = [token]
         vocab = rows[0].shape[-1] if rows else 0
-        return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed), steps=steps)
+        return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed), steps=steps,
+                          catch_up_seconds=caught_up)
 
     def limit(self, chosen_k: int) -> int:
         return chosen_k  # every token costs a draft step: adaptive K's choice is the limit

@@ -120,7 +120,8 @@ class SpeculativeRequest:
         if block.k and block.drafter != "model":
             self.controller.observe_verify(block.k + 1, verify_s)
         else:
-            self.controller.observe(block.k, verdict.accepted, draft_s, verify_s, block.steps, cycle_s)
+            self.controller.observe(block.k, verdict.accepted, draft_s - block.catch_up_seconds, verify_s,
+                                    block.steps, cycle_s)
         cut = len(emitted) < len(verdict.emitted)
         drafted = min(block.k, len(emitted)) if cut else block.k
         self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s,

@@ -1,0 +1,315 @@
+"""Drafters compared on seven kinds of request: plain, model (adaptive K), suffix, hybrid,
+and mlx-lm's own speculative decoding at its best K, in one run.
+
+    .venv/bin/python bench/drafters.py [--per-category 4] [--max-tokens 64] [--temps 0]
+        [--seeds 0] [--mlx-lm-ks 2 4] [--reuse exo mlx-lm]
+
+Each side runs in its own process (the pair needs ~10 GB per copy): this project's engine
+first, every mode interleaved per prompt (so drift hits all of them), then mlx-lm's
+`stream_generate` (plain and `draft_model=` at each K) on the same token ids. Decode speed
+excludes the prompt pass. The exo side also measures the target's verify cost by block
+length, and replays the suffix drafter over the greedy plain outputs for a grid of its
+settings (greedy acceptance is exact token equality, so the replay needs no model): that is
+the evidence behind the suffix defaults. Writes bench/results/drafters.json and .png and
+prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+
+from common import RESULTS, grouped_bars, machine, median, pyplot, save, save_figure
+from drafter_prompts import build
+
+MODES = ["plain", "model", "suffix", "hybrid"]
+
+
+def our_side(args: argparse.Namespace) -> None:
+    import anyio
+    import numpy as np
+
+    import exo  # noqa: F401  (BLAS before mlx)
+    from exo.inference.generate import GenerationParams
+    from exo.inference.mlx.engine import MLXInferenceEngine
+    from exo.speculative.config import SpeculativeConfig
+    from exo.speculative.engine import SpeculativeInferenceEngine
+
+    rows: list[dict] = []
+    keep = partial_writer("exo", rows)
+
+    async def verify_costs(engine, shard, prompt) -> dict[int, float]:
+        """Median seconds of one target pass over n new tokens after a ~prompt-long cache."""
+        target, costs = engine.target, {}
+        await target.infer_tensor("cost", shard, np.asarray([prompt]))
+        base = target.cache_offset("cost")
+        for n in (1, 2, 3, 5, 9, 17, 33, 65):
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                await target.infer_tensor("cost", shard, np.asarray([prompt[:n]]))
+                times.append(time.perf_counter() - started)
+                target.trim_cache("cost", target.cache_offset("cost") - base)
+            costs[n] = float(np.median(times))
+        target.free_cache("cost")
+        return costs
+
+    async def run() -> None:
+        engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
+                                            SpeculativeConfig(enabled=True, draft_model=args.draft))
+        shard = await engine.full_shard(args.target)
+        await engine.ensure_shard(shard)
+        tokenizer = engine.tokenizer
+        configs = {"plain": SpeculativeConfig(enabled=False)}
+        configs |= {mode: SpeculativeConfig(enabled=True, draft_model=args.draft, drafter=mode)
+                    for mode in MODES[1:]}
+        prompts = build(args.per_category)
+        warm = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
+        for config in configs.values():  # first calls compile and page in: not measured
+            async with engine.generate(shard, warm, GenerationParams(max_tokens=4), config) as blocks:
+                async for _ in blocks:
+                    pass
+        first = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": prompts["code editing"][0]}]))
+        costs = await verify_costs(engine, shard, first)
+        print(f"verify cost by length: {costs}", file=sys.stderr, flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "drafters.costs.partial.json").write_text(json.dumps(costs))
+        turn = 0
+        for category, messages in prompts.items():
+            for index, message in enumerate(messages):
+                prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": message}]))
+                for temp, seed in itertools.product(args.temps, args.seeds if any(args.temps) else [0]):
+                    if temp == 0 and seed != (args.seeds or [0])[0]:
+                        continue
+                    params = GenerationParams(max_tokens=args.max_tokens, temperature=temp, seed=seed)
+                    order = MODES[turn % len(MODES):] + MODES[:turn % len(MODES)]  # rotate who goes first
+                    turn += 1
+                    for mode in order:
+                        tokens, first_at = [], None
+                        async with engine.generate(shard, prompt, params, configs[mode]) as blocks:
+                            async for block in blocks:
+                                first_at = first_at or time.perf_counter()
+                                tokens += block.tokens
+                        elapsed = time.perf_counter() - first_at
+                        m = engine.get_metrics()["last_request"]
+                        keep({"engine": "exo", "mode": mode, "category": category, "prompt": index,
+                              "prompt_tokens": len(prompt), "temperature": temp, "seed": seed, "tokens": tokens,
+                              "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0,
+                              "acceptance_rate": m["acceptance_rate"],
+                              "tokens_per_verify": m["mean_accepted_length"], "per_drafter": m["per_drafter"],
+                              "k_histogram": m["k_histogram"]})
+        engine.close()
+
+    anyio.run(run)
+
+
+def mlx_lm_side(args: argparse.Namespace) -> None:
+    import exo  # noqa: F401  (BLAS before mlx)
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from exo.inference.sources import model_dir_for
+    from exo.inference.tokenizer import load_tokenizer
+
+    target_dir, draft_dir = model_dir_for(args.target), model_dir_for(args.draft)
+    model, tokenizer = load(str(target_dir))
+    draft, _ = load(str(draft_dir))
+    ours = load_tokenizer(target_dir)
+    rows: list[dict] = []
+    keep = partial_writer("mlx-lm", rows)
+    for category, messages in build(args.per_category).items():
+        for index, message in enumerate(messages):
+            prompt = ours.encode(ours.chat_prompt([{"role": "user", "content": message}]))
+            for temp in args.temps:
+                for k in [0, *args.mlx_lm_ks]:
+                    mx.random.seed(0)
+                    tokens, first_at = [], None
+                    extra = {"draft_model": draft, "num_draft_tokens": k} if k else {}
+                    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                                                    sampler=make_sampler(temp), **extra):
+                        first_at = first_at or time.perf_counter()
+                        tokens.append(response.token)
+                    elapsed = time.perf_counter() - first_at
+                    keep({"engine": "mlx-lm", "mode": f"K={k}" if k else "plain", "category": category,
+                          "prompt": index, "temperature": temp, "tokens": tokens,
+                          "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0})
+
+
+def partial_path(side: str):
+    return RESULTS / f"drafters.{side}.partial.json"
+
+
+def partial_writer(side: str, rows: list[dict]):
+    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        partial_path(side).write_text(json.dumps(rows))
+        print(f"{row['engine']:7s} {row['category']:20s} #{row['prompt']} T={row['temperature']:<4} "
+              f"{row['mode']:7s} {row['decode_tokens_per_second']:6.2f} tok/s", file=sys.stderr, flush=True)
+
+    return keep
+
+
+# -- the replay: suffix settings on recorded greedy outputs -------------------------------------
+def replay(rows: list[dict], prompts: dict[str, list[list[int]]], costs: dict[int, float]) -> list[dict]:
+    """Expected speed-up over plain of the bare suffix rule for a grid of settings, per
+    category: every block proposes what the rule gives, keeps the longest prefix equal to
+    the recorded greedy output, and costs one verify of its length (interpolated)."""
+    from exo.speculative.drafters.suffix import SuffixDrafter
+
+    lengths = sorted(costs)
+
+    def cost(n: int) -> float:
+        below = max(x for x in lengths if x <= n)
+        above = min((x for x in lengths if x >= n), default=below)
+        if above == below:
+            return costs[below] * (n / below if n > below else 1.0)
+        return costs[below] + (costs[above] - costs[below]) * (n - below) / (above - below)
+
+    out = []
+    plain = [r for r in rows if r["engine"] == "exo" and r["mode"] == "plain" and r["temperature"] == 0]
+    for min_match, factor, cap in itertools.product((1, 2, 3, 4), (0.5, 1.0, 2.0), (8, 16, 32, 64)):
+        per_category: dict[str, list[float]] = {}
+        for row in plain:
+            prompt, truth = prompts[row["category"]][row["prompt"]], row["tokens"]
+            drafter = SuffixDrafter(min_match=min_match, max_depth=cap,
+                                    length_rule=lambda m, f=factor: math.ceil(f * m))
+            rid = "replay"
+            asyncio.run(drafter.prefill(rid, prompt))
+            committed, spent = list(prompt) + truth[:1], 0.0
+            drafter.accept(rid, len(committed))
+            while len(committed) < len(prompt) + len(truth):
+                block = drafter.draft(rid, committed, cap).tokens
+                done = len(committed) - len(prompt)
+                kept = 0
+                while kept < len(block) and done + kept < len(truth) and block[kept] == truth[done + kept]:
+                    kept += 1
+                spent += cost(len(block) + 1)
+                committed += truth[done:done + kept + 1]
+                drafter.accept(rid, len(committed))
+            per_category.setdefault(row["category"], []).append((len(truth) - 1) * cost(1) / spent)
+        out.append({"min_match": min_match, "factor": factor, "cap": cap,
+                    "median_speedup": {c: median(v) for c, v in per_category.items()},
+                    "geomean_over_categories": math.exp(sum(math.log(median(v)) for v in per_category.values())
+                                                        / len(per_category))})
+    return sorted(out, key=lambda r: -r["geomean_over_categories"])
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per category and temperature: median speed-up over plain (per prompt and seed, then the
+    median), acceptance and tokens per verify; mlx-lm's best K by its median speed-up."""
+    table = []
+    keys = sorted({(r["category"], r["temperature"]) for r in rows}, key=lambda k: (k[1], list(build(1)).index(k[0])))
+    for category, temp in keys:
+        cell = [r for r in rows if r["category"] == category and r["temperature"] == temp]
+
+        def speedups(engine: str, mode: str) -> list[float]:
+            out = []
+            for r in (r for r in cell if r["engine"] == engine and r["mode"] == mode):
+                base = next(p for p in cell if p["engine"] == engine and p["mode"] == "plain"
+                            and p["prompt"] == r["prompt"] and p.get("seed") == r.get("seed"))
+                out.append(r["decode_tokens_per_second"] / base["decode_tokens_per_second"])
+            return out
+
+        entry = {"category": category, "temperature": temp}
+        for mode in MODES[1:]:
+            mine = [r for r in cell if r["engine"] == "exo" and r["mode"] == mode]
+            entry[mode] = {"speedup": median(speedups("exo", mode)),
+                           "acceptance": median([r["acceptance_rate"] for r in mine]),
+                           "tokens_per_verify": median([r["tokens_per_verify"] for r in mine])}
+            if temp == 0:
+                plain = {r["prompt"]: r["tokens"] for r in cell if r["engine"] == "exo" and r["mode"] == "plain"}
+                entry[mode]["greedy_identical"] = all(r["tokens"] == plain[r["prompt"]] for r in mine)
+        ks = sorted({r["mode"] for r in cell if r["engine"] == "mlx-lm" and r["mode"] != "plain"})
+        if ks:
+            best = max(ks, key=lambda k: median(speedups("mlx-lm", k)))
+            entry["mlx_lm_best"] = {"k": best, "speedup": median(speedups("mlx-lm", best))}
+            entry["plain_exo_vs_mlx_lm"] = median([
+                r["decode_tokens_per_second"] / next(p["decode_tokens_per_second"] for p in cell
+                                                     if p["engine"] == "mlx-lm" and p["mode"] == "plain"
+                                                     and p["prompt"] == r["prompt"])
+                for r in cell if r["engine"] == "exo" and r["mode"] == "plain" and r.get("seed", 0) == 0])
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| category | T | model | suffix | hybrid | mlx-lm best K | hybrid vs mlx-lm | "
+             "hybrid acceptance | hybrid tokens/verify |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        mlx = e.get("mlx_lm_best")
+        # Speed-ups are each engine over its own plain decoding; the ratio puts both on exo's plain.
+        versus = (e["hybrid"]["speedup"] * e["plain_exo_vs_mlx_lm"] / mlx["speedup"]) if mlx else None
+        lines.append(f"| {e['category']} | {e['temperature']} | {e['model']['speedup']:.2f}x | "
+                     f"{e['suffix']['speedup']:.2f}x | {e['hybrid']['speedup']:.2f}x | "
+                     + (f"{mlx['speedup']:.2f}x ({mlx['k']}) | {versus:.2f}x | " if mlx else "- | - | ")
+                     + f"{e['hybrid']['acceptance']:.2f} | {e['hybrid']['tokens_per_verify']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    labels = [f"{e['category']}\nT={e['temperature']}" for e in table]
+    series = {mode: [e[mode]["speedup"] for e in table] for mode in MODES[1:]}
+    series["mlx-lm best K"] = [e["mlx_lm_best"]["speedup"] if "mlx_lm_best" in e else 0 for e in table]
+    grouped_bars(ax, labels, series)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_title("median decode speed-up over each engine's plain decoding", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, "drafters")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--per-category", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temps", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--mlx-lm-ks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--reuse", nargs="*", default=[], choices=["exo", "mlx-lm"],
+                        help="reuse a side's rows from its last (partial) run instead of measuring again")
+    parser.add_argument("--side", choices=["exo", "mlx-lm"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        our_side(args) if args.side == "exo" else mlx_lm_side(args)
+        return
+    rows = []
+    for side in ("exo", "mlx-lm"):
+        if side not in args.reuse:
+            partial_path(side).unlink(missing_ok=True)
+            argv = [a for a in sys.argv[1:] if a not in ("--reuse", "exo", "mlx-lm")]
+            subprocess.run([sys.executable, __file__, *argv, "--side", side], check=True)
+        rows += json.loads(partial_path(side).read_text())
+    table = summarise(rows)
+    costs = {int(n): c for n, c in json.loads((RESULTS / "drafters.costs.partial.json").read_text()).items()}
+    from exo.inference.sources import model_dir_for
+    from exo.inference.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir_for(args.target))
+    encoded = {c: [tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": m}])) for m in ms]
+               for c, ms in build(args.per_category).items()}
+    grid = replay(rows, encoded, costs)
+    save("drafters", {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
+                      "summary": table, "verify_costs": costs, "suffix_replay": grid, "runs": rows})
+    plot(table)
+    print(markdown(table))
+    print("\nsuffix settings by replay (top 5, geometric mean over categories of the median speed-up):")
+    for g in grid[:5]:
+        print(f"  min_match={g['min_match']} factor={g['factor']} cap={g['cap']}: "
+              f"{g['geomean_over_categories']:.2f}x", {c: round(v, 2) for c, v in g["median_speedup"].items()})
+
+
+if __name__ == "__main__":
+    main()
