@@ -126,10 +126,10 @@ async def test_incompatible_tokenizer_is_refused(make_speculative, tiny_llama, s
 @pytest.fixture(scope="module")
 def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
     """A 2-layer tiny llama and its 1-layer early exit (same weights, tokenizer): the draft's
-    top-3 overlaps the target's, so drafts are accepted about a third of the time and the
-    residual rule decides the rest. (tiny_llama_other's top-3 never overlaps tiny_llama's:
-    with it every draft is rejected, and a verifier that resamples from p instead of the
-    residual passes unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
+    top-3 overlaps the target's, so 20-40 % of drafts are accepted and the residual rule
+    decides the rest. (tiny_llama_other's top-3 never overlaps tiny_llama's: with it every
+    draft is rejected, and a verifier that resamples from p instead of the residual passes
+    unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
     target = make_tiny_model(tmp_path_factory.mktemp("joint-target"), "llama", layers=2, seed=1)
     draft = tmp_path_factory.mktemp("joint-draft")
     for item in target.iterdir():
