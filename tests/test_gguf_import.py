@@ -30,6 +30,14 @@ def smollm2_gguf(smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
+def smollm2_reader(smollm2_gguf):
+    """The GGUF parsed once for the module (parsing its 49k-token vocabulary takes seconds)."""
+    import gguf
+
+    return gguf.GGUFReader(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
 def smollm2_engine(smollm2_dir):
     engine = MLXInferenceEngine(dtype="float32")  # the oracle runs in float32 too
     yield engine
@@ -83,9 +91,7 @@ async def test_greedy_continuation_is_paris(smollm2_dir, smollm2_engine):
 
 # --- the rebuilt tokenizer ------------------------------------------------------------------------
 
-def test_converted_tokenizer(smollm2_dir, smollm2_gguf):
-    import gguf
-
+def test_converted_tokenizer(smollm2_dir, smollm2_reader):
     tok = load_tokenizer(smollm2_dir)
     assert tok.encode("<|im_start|>") == [1]
     assert tok.encode("<|im_end|>") == [2]
@@ -110,8 +116,7 @@ def test_converted_tokenizer(smollm2_dir, smollm2_gguf):
     assert [tok.decode([i]) for i in tok.encode("31415")] == list("31415")
 
     # Every GGUF token string has the GGUF's id in the converted vocabulary.
-    reader = gguf.GGUFReader(smollm2_gguf)
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    tokens = smollm2_reader.fields["tokenizer.ggml.tokens"].contents()
     vocab = tok.get_vocab()
     assert len(tokens) == 49152 and len(vocab) == len(tokens)
     assert all(vocab[t] == i for i, t in enumerate(tokens))
@@ -157,11 +162,9 @@ def test_truncated_gguf_is_refused(tmp_path, smollm2_gguf, keep):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def nan_corrupted_copy(src: Path, dest: Path, tensor: str) -> None:
-    """Copy `src`, overwriting one tensor's data with 0xFF (NaN scales / NaN floats)."""
-    import gguf
-
-    info = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(src).tensors}
+def nan_corrupted_copy(src: Path, reader, dest: Path, tensor: str) -> None:
+    """Copy `src` (parsed as `reader`), overwriting one tensor's data with 0xFF (NaN scales / NaN floats)."""
+    info = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
     offset, size = info[tensor]
     shutil.copyfile(src, dest)
     with open(dest, "r+b") as f:
@@ -169,10 +172,17 @@ def nan_corrupted_copy(src: Path, dest: Path, tensor: str) -> None:
         f.write(b"\xff" * size)
 
 
-def test_corrupt_tensor_data_is_refused(tmp_path, smollm2_gguf):
-    bad = tmp_path / "smollm2-nan.gguf"
-    nan_corrupted_copy(smollm2_gguf, bad, "blk.0.ffn_down.weight")
-    expect_import_error(bad, tmp_path / "out", "blk.0.ffn_down.weight", "NaN")
+@pytest.fixture(scope="module")
+def nan_gguf(tmp_path_factory, smollm2_gguf, smollm2_reader) -> Path:
+    """SmolLM2's GGUF with blk.0.ffn_down.weight (the third tensor) all 0xFF, built once:
+    both tests below only read it."""
+    bad = tmp_path_factory.mktemp("nan-gguf") / "smollm2-nan.gguf"
+    nan_corrupted_copy(smollm2_gguf, smollm2_reader, bad, "blk.0.ffn_down.weight")
+    return bad
+
+
+def test_corrupt_tensor_data_is_refused(tmp_path, nan_gguf):
+    expect_import_error(nan_gguf, tmp_path / "out", "blk.0.ffn_down.weight", "NaN")
 
 
 def assert_store_left_nothing(home: Path) -> None:
@@ -207,12 +217,10 @@ def test_store_refuses_truncated_gguf_and_leaves_nothing(tmp_path, smollm2_gguf)
     assert_store_left_nothing(home)
 
 
-def test_store_discards_half_written_conversion(tmp_path, smollm2_gguf):
+def test_store_discards_half_written_conversion(tmp_path, nan_gguf):
     """Corruption found mid-conversion, after model.safetensors was partly written."""
-    bad = tmp_path / "smollm2-nan.gguf"
-    nan_corrupted_copy(smollm2_gguf, bad, "blk.0.ffn_down.weight")
     home = tmp_path / "home"
-    with pytest.raises(ModelSourceError, match=re.escape(bad.name)) as info:
-        ModelStore(home).model_dir_for(str(bad))
+    with pytest.raises(ModelSourceError, match=re.escape(nan_gguf.name)) as info:
+        ModelStore(home).model_dir_for(str(nan_gguf))
     assert "NaN" in str(info.value)
     assert_store_left_nothing(home)

@@ -1,5 +1,8 @@
 """Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
 
+import json
+from pathlib import Path
+
 import anyio
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.speculative.config import ConfigError, SpeculativeConfig
 from tests.helpers.decoding import collect, plain_tokens
+from tests.helpers.tiny_models import make_tiny_model
 
 
 @pytest.fixture
@@ -119,16 +123,34 @@ async def test_incompatible_tokenizer_is_refused(make_speculative, tiny_llama, s
         await engine.ensure_shard(shard)
 
 
+@pytest.fixture(scope="module")
+def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer tiny llama and its 1-layer early exit (same weights, tokenizer): the draft's
+    top-3 overlaps the target's, so 20-40 % of drafts are accepted and the residual rule
+    decides the rest. (tiny_llama_other's top-3 never overlaps tiny_llama's: with it every
+    draft is rejected, and a verifier that resamples from p instead of the residual passes
+    unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
+    target = make_tiny_model(tmp_path_factory.mktemp("joint-target"), "llama", layers=2, seed=1)
+    draft = tmp_path_factory.mktemp("joint-draft")
+    for item in target.iterdir():
+        if item.name != "config.json":
+            (draft / item.name).symlink_to(item)
+    config = json.loads((target / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (draft / "config.json").write_text(json.dumps(config))
+    return target, draft
+
+
 @pytest.mark.parametrize("pipelined", [False, True])
-async def test_joint_distribution_through_engine_matches_target(mlx_engine, tiny_llama, tiny_llama_other, pipelined,
-                                                                speculative):
+async def test_joint_distribution_through_engine_matches_target(mlx_engine, joint_pair, pipelined, speculative):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
     from exo.inference.sampling import warp
 
+    target_dir, draft_dir = joint_pair
     prompt = [10, 20, 30]
     params = dict(temperature=1.0, top_k=3)
     target = mlx_engine()
-    shard = await target.full_shard(str(tiny_llama))
+    shard = await target.full_shard(str(target_dir))
 
     async def dist(prefix):
         logits, _ = await target.infer_tensor(f"p{prefix}", shard, np.asarray([prefix]))
@@ -143,7 +165,7 @@ async def test_joint_distribution_through_engine_matches_target(mlx_engine, tiny
             p3 = await dist(prompt + [int(a), int(b)])
             for c in np.flatnonzero(p3):
                 expected[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
-    engine, shard = await speculative(tiny_llama, tiny_llama_other, draft_tokens=2, adaptive_speculation=False,
+    engine, shard = await speculative(target_dir, draft_dir, draft_tokens=2, adaptive_speculation=False,
                                       acceptance_threshold=0, pipelined=pipelined)
     trials = 2000
     counts = dict.fromkeys(expected, 0)
@@ -162,7 +184,9 @@ async def test_joint_distribution_through_engine_matches_target(mlx_engine, tiny
     assert len(expected) == 27
     assert tv < 0.08, tv
     assert engine.get_metrics()["drafted_tokens"] > 0
-    assert engine.get_metrics()["acceptance_rate"] < 0.9  # the random draft really was rejected often
+    # Drafts were both accepted and rejected often: the residual rule really decided the
+    # rejections (with a verifier resampling from p instead, TV is ~0.13 here).
+    assert 0.1 < engine.get_metrics()["acceptance_rate"] < 0.9
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
