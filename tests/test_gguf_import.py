@@ -151,6 +151,7 @@ def test_random_bytes_are_refused(tmp_path):
     assert not (tmp_path / "out3" / "config.json").exists()
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("keep", [1_000_000, 4 << 20, -1000], ids=["in-metadata", "in-embeddings", "last-tensor"])
 def test_truncated_gguf_is_refused(tmp_path, smollm2_gguf, keep):
     data = smollm2_gguf.read_bytes()
@@ -181,6 +182,7 @@ def nan_gguf(tmp_path_factory, smollm2_gguf, smollm2_reader) -> Path:
     return bad
 
 
+@pytest.mark.heavy
 def test_corrupt_tensor_data_is_refused(tmp_path, nan_gguf):
     expect_import_error(nan_gguf, tmp_path / "out", "blk.0.ffn_down.weight", "NaN")
 
@@ -202,6 +204,7 @@ def test_store_refuses_random_bytes_and_leaves_nothing(tmp_path):
     assert_store_left_nothing(home)
 
 
+@pytest.mark.heavy
 def test_store_refuses_truncated_gguf_and_leaves_nothing(tmp_path, smollm2_gguf):
     bad = tmp_path / "smollm2-truncated.gguf"
     bad.write_bytes(smollm2_gguf.read_bytes()[: 4 << 20])
@@ -217,6 +220,7 @@ def test_store_refuses_truncated_gguf_and_leaves_nothing(tmp_path, smollm2_gguf)
     assert_store_left_nothing(home)
 
 
+@pytest.mark.heavy
 def test_store_discards_half_written_conversion(tmp_path, nan_gguf):
     """Corruption found mid-conversion, after model.safetensors was partly written."""
     home = tmp_path / "home"

@@ -136,6 +136,7 @@ def _accepts_every_copy(target_probs, draft_probs, draft_tokens, rng):
     return [int(t) for t in np.asarray(draft_tokens).reshape(-1)] + [sample(target_probs[k], rng)]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_sampled_copies_follow_the_targets_law_and_a_wrong_rule_does_not(
         make_speculative, mlx_engine, tiny_llama, pipelined, monkeypatch):
@@ -177,7 +178,9 @@ async def test_hybrid_prefers_an_always_right_model_to_copies_that_miss(make_spe
 
 async def test_blocks_and_events_name_their_drafter(make_speculative, tiny_llama, tiny_llama_other):
     events = EventBus()
-    engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama_other, drafter="hybrid", events=events)
+    # A fixed K copies whenever there is a copy (any earlier token, with a minimum match of 1).
+    engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama_other, drafter="hybrid", events=events,
+                                 adaptive_speculation=False, suffix_min_match=1)
     seen = []
     with events.subscribe() as subscription:
         await collect(engine.generate(shard, REPEATING, GenerationParams(max_tokens=30), eos_ids=frozenset()))

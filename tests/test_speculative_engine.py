@@ -9,7 +9,7 @@ import pytest
 
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
-from exo.speculative.config import ConfigError, SpeculativeConfig
+from exo.speculative.config import ConfigError
 from tests.helpers.decoding import collect, plain_tokens
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -65,6 +65,7 @@ async def test_same_model_as_draft_accepts_everything(tiny_llama, temperature, p
     assert metrics["mean_accepted_length"] > (3.5 if pipelined else 4.0)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_greedy_identical_on_smollm2_with_early_exit_draft(smollm2_dir, smollm2_early_exit, pipelined, speculative):
     engine, shard = await speculative(smollm2_dir, smollm2_early_exit, draft_tokens=4, pipelined=pipelined)
@@ -141,6 +142,7 @@ def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
     return target, draft
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_joint_distribution_through_engine_matches_target(mlx_engine, joint_pair, pipelined, speculative):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""

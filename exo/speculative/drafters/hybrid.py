@@ -14,8 +14,7 @@ most expected tokens per verify second.
 When copies were used, the draft model's cache lags the committed sequence; the model
 drafter catches it up in one pass over the missing tokens, the next time it drafts. Its
 prompt pass is deferred the same way: the first blocks copy where they can, and a request
-that copies all the way never pays for the draft's prompt pass at all. An untried model is
-tried at the first block without a copy.
+whose copies beat even an untried model's prior never pays for the draft's prompt pass.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ def prior_copy_acceptance(bucket: int) -> float:
     observations, so the first few scored candidates decide."""
     return bucket / (bucket + 2)
 
+PRIOR_DRAFT_STEP = 0.3  # an untried draft step, as a fraction of a target step (drafts are a few times smaller)
 PENDING_CANDIDATES = 8  # unscored candidates kept at most (a pipelined run has a few in flight)
 
 
@@ -146,15 +146,26 @@ class HybridDrafter:
             verify = self.controller.verify_cost(copy.k + 1)
             rates["suffix"] = self._copy_tokens(bucket, copy.k) / verify if verify else None
         if model_k:
-            rates["model"] = self.controller.expected_rate(model_k)
+            rates["model"] = self.controller.expected_rate(model_k) or self._untried_model_rate(model_k)
         if copy.tokens and rates["suffix"] is None:
             return "suffix"
-        if model_k and rates["model"] is None:  # untried: copy while there is one, else try it
-            return "suffix" if copy.tokens else "model"
         known = {name: rate for name, rate in rates.items() if rate is not None}
         if not known:
             return "model" if model_k else "none"
         return max(known, key=lambda name: known[name])
+
+    def _untried_model_rate(self, k: int) -> float | None:
+        """What an unmeasured model draft is worth: adaptive K's acceptance prior, a draft step
+        at PRIOR_DRAFT_STEP of a target step. Copies that keep missing fall below it, so the
+        model gets its first block; from then on its own measured costs count."""
+        plain, verify = self.controller.verify_cost(1), self.controller.verify_cost(k + 1)
+        if plain is None or verify is None:
+            return None
+        tau, survive = 1.0, 1.0
+        for i in range(k):
+            survive *= self.controller.acceptance_at(i)
+            tau += survive
+        return tau / (k * PRIOR_DRAFT_STEP * plain + verify)
 
     # -- learning ---------------------------------------------------------------------------
     def _score(self, committed: list[int]) -> None:
