@@ -53,6 +53,18 @@ def test_greedy_output_same_with_and_without_speculation(api):
     assert node.config.enabled is False  # the override was for those requests only
 
 
+def test_a_request_picks_its_drafter_and_the_metrics_say_who_drafted(api):
+    url, _ = api
+    prompt = "repeat: one two three four, one two three four, one two three four"
+    plain = chat(url, prompt, max_tokens=24).json()["choices"][0]["message"]["content"]
+    for drafter in ("suffix", "hybrid", "model"):
+        body = chat(url, prompt, max_tokens=24, speculative={"enabled": True, "drafter": drafter}).json()
+        assert body["choices"][0]["message"]["content"] == plain
+    recent = httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["recent"][-3:]
+    assert "model" not in recent[0]["per_drafter"]  # suffix: no model drafts
+    assert "suffix" not in recent[2]["per_drafter"] and recent[2]["per_drafter"]["model"]["blocks"] > 0
+
+
 def test_streaming_sends_one_chunk_per_token_and_done(api):
     url, _ = api
     body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 12, "temperature": 0, "stream": True,
@@ -117,6 +129,8 @@ def test_stop_strings(api):
                  "speculative": {"draft_tokens": 99}}).encode(), 400, "draft_tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "speculative": {"bogus": 1}}).encode(), 400, "bogus"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                 "speculative": {"enabled": True, "drafter": "oracle"}}).encode(), 400, "drafter must be one of"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "speculative": {"enabled": True, "draft_model": "deepseek-r1-distill-qwen-7b"},
                  "model": "deepseek-v3"}).encode(), 404, "unknown model"),
@@ -198,3 +212,9 @@ def test_event_stream_delivers_metrics_updates(api):
     metrics = httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()
     assert metrics["totals"]["drafted_tokens"] > 0 and metrics["recent"]
     assert metrics["engines"] == {"target": "mlx", "draft": "mlx"}
+
+
+def test_every_speculative_setting_can_be_overridden_per_request():
+    from exo.api.schemas import SpeculativeOverrides
+
+    assert set(SpeculativeOverrides.__struct_fields__) == set(SpeculativeConfig.__struct_fields__)

@@ -34,6 +34,9 @@ class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
     max_speculation_depth: int | None = None
     adaptive_speculation: bool | None = None
     pipelined: bool | None = None
+    drafter: str | None = None  # auto | model | suffix | hybrid
+    suffix_min_match: int | None = None
+    suffix_max_depth: int | None = None
 
     def fields(self) -> dict:
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
