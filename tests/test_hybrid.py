@@ -8,11 +8,12 @@ import pytest
 
 import exo.speculative.verifier as verifier_module
 from exo.inference.generate import GenerationParams
-from exo.inference.sampling import sample, warp
+from exo.inference.sampling import sample
 from exo.speculative.rejection import verify_block
 from exo.speculative.drafters.hybrid import HybridDrafter, match_bucket
 from exo.speculative.events import EventBus
 from tests.helpers.decoding import collect, plain_tokens
+from tests.helpers.laws import joint_law, sampled_tv
 
 REPEATING = [5, 9, 13, 17, 21, 25, 29] * 4  # its end recurs: the suffix drafter copies from it
 PROMPTS = [REPEATING, [10, 20, 30], list(range(40, 72))]
@@ -92,41 +93,6 @@ async def _copying_prompt(target, shard, top_k: int) -> list[int]:
     raise AssertionError("no copy inside the target's top-k found")
 
 
-async def _joint_law(target, shard, prompt, params) -> dict[tuple[int, ...], float]:
-    async def dist(prefix):
-        logits, _ = await target.infer_tensor("law", shard, np.asarray([prefix]))
-        target.free_cache("law")
-        return warp(logits[0, -1], **params)
-
-    law = {}
-    p1 = await dist(prompt)
-    for a in np.flatnonzero(p1):
-        p2 = await dist(prompt + [int(a)])
-        for b in np.flatnonzero(p2):
-            p3 = await dist(prompt + [int(a), int(b)])
-            for c in np.flatnonzero(p3):
-                law[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
-    return law
-
-
-async def _sampled_tv(engine, shard, prompt, params, law, trials: int) -> float:
-    """Total variation between `trials` seeded samples and `law` (mass outside it counts whole)."""
-    counts: dict[tuple[int, ...], int] = {}
-    limiter = anyio.CapacityLimiter(8)
-
-    async def one(seed):
-        async with limiter:
-            out = await collect(engine.generate(shard, prompt, GenerationParams(max_tokens=3, seed=seed, **params),
-                                                eos_ids=frozenset()))
-        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-
-    async with anyio.create_task_group() as group:
-        for seed in range(trials):
-            group.start_soon(one, seed)
-    outside = sum(n for key, n in counts.items() if key not in law)
-    return 0.5 * (sum(abs(counts.get(key, 0) / trials - p) for key, p in law.items()) + outside / trials)
-
-
 def _accepts_every_copy(target_probs, draft_probs, draft_tokens, rng):
     """Wrong on purpose: a deterministic draft is kept without the p(x) test (the bug of
     treating a copy like a draft the target agreed with)."""
@@ -149,17 +115,17 @@ async def test_sampled_copies_follow_the_targets_law_and_a_wrong_rule_does_not(
     target = mlx_engine()
     target_shard = await target.full_shard(str(tiny_llama))
     prompt = await _copying_prompt(target, target_shard, top_k=3)
-    law = await _joint_law(target, target_shard, prompt, params)
+    law = await joint_law(target, target_shard, prompt, params)
     assert len(law) == 27
     # A fixed K: the suffix drafter copies whenever it matches, with no cost-based choice.
     engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="suffix",
                                  adaptive_speculation=False, pipelined=pipelined)
-    assert await _sampled_tv(engine, shard, prompt, params, law, 800) < 0.1  # 0.04-0.06 measured
+    assert await sampled_tv(engine, shard, prompt, params, law, 800) < 0.1  # 0.04-0.06 measured
     per = engine.get_metrics()["per_drafter"]["suffix"]
     assert per["blocks"] >= 200 and per["drafted_tokens"] > per["accepted_tokens"]  # copies were judged
     if not pipelined:
         monkeypatch.setattr(verifier_module, "verify_block", _accepts_every_copy)
-        assert await _sampled_tv(engine, shard, prompt, params, law, 200) > 0.15  # 0.33 measured
+        assert await sampled_tv(engine, shard, prompt, params, law, 200) > 0.15  # 0.33 measured
 
 
 async def test_hybrid_prefers_an_always_right_model_to_copies_that_miss(make_speculative, tiny_llama):

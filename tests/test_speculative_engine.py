@@ -3,14 +3,13 @@
 import json
 from pathlib import Path
 
-import anyio
-import numpy as np
 import pytest
 
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.speculative.config import ConfigError
 from tests.helpers.decoding import collect, plain_tokens
+from tests.helpers.laws import joint_law, sampled_tv
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -146,43 +145,14 @@ def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("pipelined", [False, True])
 async def test_joint_distribution_through_engine_matches_target(mlx_engine, joint_pair, pipelined, speculative):
     """Three sampled tokens (top-k 3, T=1) through draft + verify follow the target's joint law."""
-    from exo.inference.sampling import warp
-
     target_dir, draft_dir = joint_pair
     prompt = [10, 20, 30]
     params = dict(temperature=1.0, top_k=3)
     target = mlx_engine()
-    shard = await target.full_shard(str(target_dir))
-
-    async def dist(prefix):
-        logits, _ = await target.infer_tensor(f"p{prefix}", shard, np.asarray([prefix]))
-        target.free_cache(f"p{prefix}")
-        return warp(logits[0, -1], **params)
-
-    expected = {}
-    p1 = await dist(prompt)
-    for a in np.flatnonzero(p1):
-        p2 = await dist(prompt + [int(a)])
-        for b in np.flatnonzero(p2):
-            p3 = await dist(prompt + [int(a), int(b)])
-            for c in np.flatnonzero(p3):
-                expected[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
+    expected = await joint_law(target, await target.full_shard(str(target_dir)), prompt, params)
     engine, shard = await speculative(target_dir, draft_dir, draft_tokens=2, adaptive_speculation=False,
                                       acceptance_threshold=0, pipelined=pipelined)
-    trials = 2000
-    counts = dict.fromkeys(expected, 0)
-    limiter = anyio.CapacityLimiter(8)  # concurrent requests keep both engines' threads busy
-
-    async def sample(seed):
-        async with limiter:
-            out = await collect(engine.generate(shard, prompt, GenerationParams(max_tokens=3, seed=seed, **params),
-                                                eos_ids=frozenset()))
-        counts[tuple(out)] += 1  # a KeyError here means a token outside the target's support
-
-    async with anyio.create_task_group() as group:
-        for seed in range(trials):
-            group.start_soon(sample, seed)
-    tv = 0.5 * sum(abs(counts[key] / trials - p) for key, p in expected.items())
+    tv = await sampled_tv(engine, shard, prompt, params, expected, 2000)
     assert len(expected) == 27
     assert tv < 0.08, tv
     assert engine.get_metrics()["drafted_tokens"] > 0
