@@ -27,6 +27,36 @@ def exo_run_json(model: str, prompt: str, *, env: dict[str, str] | None = None, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def partial_path(bench: str, side: str) -> Path:
+    return RESULTS / f"{bench}.{side}.partial.json"
+
+
+def partial_writer(bench: str, side: str, rows: list[dict], report: Callable[[dict], None]):
+    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        partial_path(bench, side).write_text(json.dumps(rows))
+        report(row)
+
+    return keep
+
+
+def run_sides(bench: str, script: str, sides: Sequence[str], reuse: Sequence[str]) -> list[dict]:
+    """Every side's rows: each measured in a process of its own (`script ... --side S`, one
+    after another: a model pair per process is all the memory holds), or read back from
+    its last partial file when `reuse` names it."""
+    rows: list[dict] = []
+    for side in sides:
+        if side not in reuse:
+            partial_path(bench, side).unlink(missing_ok=True)
+            argv = [a for a in sys.argv[1:] if a not in ("--reuse", *sides)]
+            subprocess.run([sys.executable, script, *argv, "--side", side], check=True)
+        rows += json.loads(partial_path(bench, side).read_text())
+    return rows
+
+
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -21,11 +21,10 @@ import asyncio
 import itertools
 import json
 import math
-import subprocess
 import sys
 import time
 
-from common import RESULTS, grouped_bars, machine, median, pyplot, save, save_figure
+from common import RESULTS, grouped_bars, machine, median, partial_writer, pyplot, run_sides, save, save_figure
 from drafter_prompts import build
 
 MODES = ["plain", "model", "suffix", "hybrid"]
@@ -42,7 +41,7 @@ def our_side(args: argparse.Namespace) -> None:
     from exo.speculative.engine import SpeculativeInferenceEngine
 
     rows: list[dict] = []
-    keep = partial_writer("exo", rows)
+    keep = partial_writer("drafters", "exo", rows, report)
 
     async def verify_costs(engine, shard, prompt) -> dict[int, float]:
         """Median seconds of one target pass over n new tokens after a ~prompt-long cache."""
@@ -123,7 +122,7 @@ def mlx_lm_side(args: argparse.Namespace) -> None:
     draft, _ = load(str(draft_dir))
     ours = load_tokenizer(target_dir)
     rows: list[dict] = []
-    keep = partial_writer("mlx-lm", rows)
+    keep = partial_writer("drafters", "mlx-lm", rows, report)
     for category, messages in build(args.per_category).items():
         for index, message in enumerate(messages):
             prompt = ours.encode(ours.chat_prompt([{"role": "user", "content": message}]))
@@ -142,21 +141,9 @@ def mlx_lm_side(args: argparse.Namespace) -> None:
                           "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0})
 
 
-def partial_path(side: str):
-    return RESULTS / f"drafters.{side}.partial.json"
-
-
-def partial_writer(side: str, rows: list[dict]):
-    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-
-    def keep(row: dict) -> None:
-        rows.append(row)
-        partial_path(side).write_text(json.dumps(rows))
-        print(f"{row['engine']:7s} {row['category']:20s} #{row['prompt']} T={row['temperature']:<4} "
-              f"{row['mode']:7s} {row['decode_tokens_per_second']:6.2f} tok/s", file=sys.stderr, flush=True)
-
-    return keep
+def report(row: dict) -> None:
+    print(f"{row['engine']:7s} {row['category']:20s} #{row['prompt']} T={row['temperature']:<4} "
+          f"{row['mode']:7s} {row['decode_tokens_per_second']:6.2f} tok/s", file=sys.stderr, flush=True)
 
 
 # -- the replay: suffix settings on recorded greedy outputs -------------------------------------
@@ -285,13 +272,7 @@ def main() -> None:
     if args.side:
         our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
-    rows = []
-    for side in ("exo", "mlx-lm"):
-        if side not in args.reuse:
-            partial_path(side).unlink(missing_ok=True)
-            argv = [a for a in sys.argv[1:] if a not in ("--reuse", "exo", "mlx-lm")]
-            subprocess.run([sys.executable, __file__, *argv, "--side", side], check=True)
-        rows += json.loads(partial_path(side).read_text())
+    rows = run_sides("drafters", __file__, ("exo", "mlx-lm"), args.reuse)
     table = summarise(rows)
     costs = {int(n): c for n, c in json.loads((RESULTS / "drafters.costs.partial.json").read_text()).items()}
     from exo.inference.sources import model_dir_for

@@ -12,12 +12,10 @@ Writes bench/results/speculative_decode.json and .png and prints a Markdown tabl
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 
-from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure, table_cells
+from common import grouped_bars, machine, partial_writer, pyplot, run_sides, save, save_figure, table_cells
 
 PROMPTS = {
     "code": "Write a Python function that merges two sorted lists into one sorted list. "
@@ -46,7 +44,7 @@ def our_side(args: argparse.Namespace) -> list[dict]:
                                                acceptance_threshold=0.0)) for k in args.ks]
         modes += [("adaptive", SpeculativeConfig(enabled=True, draft_model=args.draft))]
         rows: list[dict] = []
-        keep = partial_writer("exo", rows)
+        keep = partial_writer("speculative_decode", "exo", rows, report)
         for kind, text in PROMPTS.items():
             prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt([{"role": "user", "content": text}]))
             for temp in args.temps:
@@ -85,7 +83,7 @@ def mlx_lm_side(args: argparse.Namespace) -> list[dict]:
     draft, _ = load(str(draft_dir))
     ours = load_tokenizer(target_dir)
     rows: list[dict] = []
-    keep = partial_writer("mlx-lm", rows)
+    keep = partial_writer("speculative_decode", "mlx-lm", rows, report)
     for kind, text in PROMPTS.items():
         prompt = ours.encode(ours.chat_prompt([{"role": "user", "content": text}]))
         for temp in args.temps:
@@ -106,22 +104,6 @@ def mlx_lm_side(args: argparse.Namespace) -> list[dict]:
                              "decode_tokens_per_second": (len(tokens) - 1) / elapsed,
                              "tokens_from_draft": drafted_hits})
     return rows
-
-
-def partial_path(side: str):
-    return RESULTS / f"speculative_decode.{side}.partial.json"
-
-
-def partial_writer(side: str, rows: list[dict]):
-    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-
-    def keep(row: dict) -> None:
-        rows.append(row)
-        partial_path(side).write_text(json.dumps(rows))
-        report(row)
-
-    return keep
 
 
 def report(row: dict) -> None:
@@ -192,13 +174,7 @@ def main() -> None:
     if args.side:
         our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
-    rows = []
-    for side in ("exo", "mlx-lm"):
-        if side not in args.reuse:
-            partial_path(side).unlink(missing_ok=True)
-            argv = [a for a in sys.argv[1:] if a not in ("--reuse", "exo", "mlx-lm")]
-            subprocess.run([sys.executable, __file__, *argv, "--side", side], check=True)
-        rows += json.loads(partial_path(side).read_text())
+    rows = run_sides("speculative_decode", __file__, ("exo", "mlx-lm"), args.reuse)
     table = summarise(rows)
     save("speculative_decode", {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
                                 "summary": table, "runs": rows})
