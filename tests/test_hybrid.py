@@ -128,18 +128,36 @@ async def test_sampled_copies_follow_the_targets_law_and_a_wrong_rule_does_not(
         assert await sampled_tv(engine, shard, prompt, params, law, 200) > 0.15  # 0.33 measured
 
 
-async def test_hybrid_prefers_an_always_right_model_to_copies_that_miss(make_speculative, tiny_llama):
-    """Same model as draft: every model draft is accepted; copies from a repeating prompt
-    the model does not continue are mostly rejected. After a few blocks the hybrid drafts
-    mostly with the model."""
-    engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="hybrid")
-    params = GenerationParams(max_tokens=60, temperature=0.0)
-    assert await collect(engine.generate(shard, REPEATING, params, eos_ids=frozenset())) == \
-        await plain_tokens(tiny_llama, REPEATING, params)
-    per = engine.get_metrics()["per_drafter"]
-    assert per["model"]["acceptance_rate"] == 1.0
-    if "suffix" in per:
-        assert per["model"]["blocks"] > per["suffix"]["blocks"]
+def _measured(draft_step: float, acceptance: float) -> "AdaptiveK":
+    """A controller that has measured a 10 ms target step growing 1 ms per token, a draft
+    step of `draft_step` seconds and a per-position acceptance of `acceptance`."""
+    from exo.speculative.adaptive import AdaptiveK, DecayedRate, WindowedMedian
+
+    controller = AdaptiveK(8, 4)
+    controller.steps = 10
+    controller.verify = {n: WindowedMedian(9, 0.010 + 0.001 * (n - 1)) for n in (1, 2, 5, 9, 33)}
+    controller.draft_step = WindowedMedian(9, draft_step)
+    controller.acceptance = [DecayedRate(acceptance) for _ in range(8)]
+    for rate in controller.acceptance:
+        rate.observed = True
+    return controller
+
+
+@pytest.mark.parametrize("draft_step,model_acceptance,copy_acceptance,expected", [
+    (0.002, 0.9, 0.1, "model"),  # a cheap, accurate model beats copies that miss
+    (0.002, 0.5, 0.95, "suffix"),  # a long repeat beats a so-so model
+    (0.012, 0.3, 0.05, "none"),  # neither pays: plain decoding
+])
+def test_the_hybrid_picks_the_best_expected_rate(draft_step, model_acceptance, copy_acceptance, expected):
+    from exo.speculative.adaptive import DecayedRate
+    from exo.speculative.drafters import DraftBlock
+    from exo.speculative.drafters.suffix import SuffixDrafter
+
+    controller = _measured(draft_step, model_acceptance)
+    hybrid = HybridDrafter(None, SuffixDrafter(), controller)
+    hybrid.copy_acceptance[8] = DecayedRate(copy_acceptance)
+    copy = DraftBlock(list(range(8)), None, 100, drafter="suffix")
+    assert hybrid._choose(copy, 8, model_k=controller.choose() or 4) == expected
 
 
 async def test_blocks_and_events_name_their_drafter(make_speculative, tiny_llama, tiny_llama_other):
