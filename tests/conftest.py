@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.tiny_models import make_early_exit, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +34,7 @@ def tiny_llama_other(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
     """SmolLM2 with its last 6 of 30 layers skipped: a real, weaker draft with the same tokenizer."""
-    import json
-
-    out = tmp_path_factory.mktemp("smollm2-24l")
-    for item in smollm2_dir.iterdir():
-        if item.name != "config.json":
-            (out / item.name).symlink_to(item)
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    config["num_hidden_layers"] = 24
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    return make_early_exit(smollm2_dir, tmp_path_factory.mktemp("smollm2-24l"), 24)
 
 
 @pytest.fixture

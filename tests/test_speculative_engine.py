@@ -1,6 +1,5 @@
 """Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.speculative.config import ConfigError
 from tests.helpers.decoding import collect, plain_tokens
 from tests.helpers.laws import joint_law, sampled_tv
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.tiny_models import make_early_exit, make_tiny_model
 
 
 @pytest.fixture
@@ -131,14 +130,7 @@ def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
     draft is rejected, and a verifier that resamples from p instead of the residual passes
     unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
     target = make_tiny_model(tmp_path_factory.mktemp("joint-target"), "llama", layers=2, seed=1)
-    draft = tmp_path_factory.mktemp("joint-draft")
-    for item in target.iterdir():
-        if item.name != "config.json":
-            (draft / item.name).symlink_to(item)
-    config = json.loads((target / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    (draft / "config.json").write_text(json.dumps(config))
-    return target, draft
+    return target, make_early_exit(target, tmp_path_factory.mktemp("joint-draft"), 1)
 
 
 @pytest.mark.heavy

@@ -25,6 +25,14 @@ class _DrafterCounts:
         self.blocks = self.drafted = self.accepted = self.emitted = 0
         self.draft_time = self.verification_time = 0.0
 
+    def record(self, k: int, accepted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        self.blocks += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.emitted += emitted
+        self.draft_time += draft_s
+        self.verification_time += verify_s
+
     def add(self, other: "_DrafterCounts") -> None:
         for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -87,13 +95,7 @@ class SpeculativeMetrics:
         self.verification_time += verify_s
         self.decode_time += draft_s + verify_s
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
-        counts = self.per_drafter.setdefault(drafter, _DrafterCounts())
-        counts.blocks += 1
-        counts.drafted += k
-        counts.accepted += accepted
-        counts.emitted += emitted
-        counts.draft_time += draft_s
-        counts.verification_time += verify_s
+        self.per_drafter.setdefault(drafter, _DrafterCounts()).record(k, accepted, emitted, draft_s, verify_s)
         while len(self.position_tries) < k:
             self.position_tries.append(0)
             self.position_accepts.append(0)
