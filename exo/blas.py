@@ -5,16 +5,28 @@ optimised CBLAS with global symbol visibility *before* `mlx.core` is first impor
 the dynamic linker resolve MLX's `cblas_*` calls to it: ~3x faster decode, ~50x faster
 prefill, same results within float32 rounding. Nothing changes on macOS (Accelerate).
 
-Choose with `EXO_BLAS=auto|openblas|blis|none` (auto = OpenBLAS, else BLIS, else bundled).
+On top of OpenBLAS, "auto" puts exo's own few-row kernel (`exo/native/small_gemm.c`, built
+here with the system C compiler on first use and cached under EXO_HOME) in front of it:
+OpenBLAS runs the products of one to a few dozen rows (a decode step, a draft step, a
+K-token verify) at a third of the memory bandwidth, and those are most of what speculative
+decoding computes. Everything bigger (prefill) still goes to OpenBLAS.
+
+Choose with `EXO_BLAS=auto|openblas|blis|none` (auto = small-gemm over OpenBLAS, else
+OpenBLAS, else BLIS, else bundled).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("exo.blas")
 
@@ -35,7 +47,7 @@ FIX_HINT = "sudo apt-get install libopenblas0-pthread  (or run `make setup`)"
 class BlasChoice:
     """What `select_blas` did, so the CLI can report it once."""
 
-    name: str  # "openblas", "blis", "bundled" or "accelerate"
+    name: str  # "small-gemm+openblas", "openblas", "blis", "bundled" or "accelerate"
     path: str | None
     message: str
 
@@ -62,21 +74,85 @@ def select_blas(preference: str | None = None) -> BlasChoice:
     if order[0] not in LIBRARIES:
         _choice = BlasChoice("bundled", None, f"unknown EXO_BLAS={preference!r} (use auto, openblas, blis or none)")
         return _choice
+    note = ""
     for name in order:
         for path in LIBRARIES[name]:
             if not os.path.exists(path):
                 continue
+            if preference == "auto" and name == "openblas":
+                kernel, note = small_gemm_library()
+                if kernel is not None and _load_in_front(kernel, path):
+                    _choice = BlasChoice("small-gemm+openblas", path, f"MLX CPU backend uses exo's few-row "
+                                         f"kernel ({kernel}) over openblas ({path})")
+                    return _choice
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as exc:
                 log.debug("could not load %s: %s", path, exc)
                 continue
-            _choice = BlasChoice(name, path, f"MLX CPU backend uses {name} ({path})")
+            _choice = BlasChoice(name, path, f"MLX CPU backend uses {name} ({path}){note}")
             return _choice
     _choice = BlasChoice(
         "bundled", None, f"no optimised BLAS found; MLX runs ~3x slower. Fix: {FIX_HINT}"
     )
     return _choice
+
+
+SMALL_GEMM_SOURCE = Path(__file__).parent / "native" / "small_gemm.c"
+
+
+def small_gemm_library() -> tuple[Path | None, str]:
+    """The built few-row kernel (compiling it once per source and CPU), or None and why not."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None, "; exo's few-row kernel needs a C compiler (sudo apt-get install gcc)"
+    source = SMALL_GEMM_SOURCE.read_bytes()
+    # -march=native code is for this CPU only: a home directory shared between machines
+    # must not hand one machine's build to another.
+    cpu = _cpu_signature()
+    key = hashlib.sha256(source + cpu.encode() + compiler.encode()).hexdigest()[:16]
+    home = Path(os.environ.get("EXO_HOME", Path.home() / ".cache" / "exo"))
+    target = home / "native" / f"small_gemm-{key}.so"
+    if target.exists():
+        return target, ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        for flags in (["-fopenmp"], []):  # without OpenMP (no libgomp): one thread, still faster
+            command = [compiler, "-O3", "-march=native", *flags, "-shared", "-fPIC", "-o", str(built),
+                       str(SMALL_GEMM_SOURCE), "-ldl"]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return None, f"; could not build exo's few-row kernel: {exc}"
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: a concurrent build just wins or loses the race
+                return target, ""
+            log.debug("building %s with %s failed: %s", target.name, flags, done.stderr.strip())
+    return None, f"; could not build exo's few-row kernel: {done.stderr.strip()[:300]}"
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(wanted)) + os.uname().machine
+
+
+def _load_in_front(kernel: Path, library: str) -> bool:
+    """Load the kernel globally, then `library` (which it forwards big products to and which
+    provides the other cblas symbols): MLX's `cblas_sgemm` resolves to the first."""
+    os.environ["EXO_BLAS_LARGE"] = library
+    try:
+        ctypes.CDLL(library)  # the kernel's loader aborts if this fails: find out here first
+        ctypes.CDLL(str(kernel), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        log.warning("could not load exo's few-row kernel %s: %s", kernel, exc)
+        return False
+    return True
 
 
 def report_blas() -> None:

@@ -52,6 +52,10 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                             "hybrid when a draft model is available, else suffix)")
     group.add_argument("--suffix-max-depth", type=int, default=defaults.suffix_max_depth,
                        help=f"longest block the suffix drafter copies (default {defaults.suffix_max_depth})")
+    group.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab,
+                       help="score only this many of the draft model's most frequent tokens (the lowest "
+                            f"BPE ids, plus special tokens); 0 = all (default {defaults.draft_vocab}). "
+                            "Cheaper draft steps; never changes the output")
     group.add_argument("--draft-model", default=defaults.draft_model,
                        help="draft model id, directory or .gguf (default: auto, from the draft-pair table)")
     group.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
@@ -76,7 +80,7 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
         enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
         acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
         adaptive_speculation=not args.fixed_k, pipelined=args.pipelined, drafter=args.drafter,
-        suffix_max_depth=args.suffix_max_depth,
+        suffix_max_depth=args.suffix_max_depth, draft_vocab=args.draft_vocab,
     )
 
 

@@ -37,6 +37,17 @@ def smollm2_early_exit(tmp_path_factory, smollm2_dir) -> Path:
     return make_early_exit(smollm2_dir, tmp_path_factory.mktemp("smollm2-24l"), 24)
 
 
+@pytest.fixture(scope="session")
+def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer tiny llama and its 1-layer early exit (same weights, tokenizer): the draft's
+    top-3 overlaps the target's, so 20-40 % of drafts are accepted and the residual rule
+    decides the rest. (tiny_llama_other's top-3 never overlaps tiny_llama's: with it every
+    draft is rejected, and a verifier that resamples from p instead of the residual passes
+    unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
+    target = make_tiny_model(tmp_path_factory.mktemp("joint-target"), "llama", layers=2, seed=1)
+    return target, make_early_exit(target, tmp_path_factory.mktemp("joint-draft"), 1)
+
+
 @pytest.fixture
 def mlx_engine():
     """`mlx_engine()` opens an MLX engine for the test; every one is closed when the test ends."""

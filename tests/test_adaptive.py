@@ -55,6 +55,20 @@ def test_new_request_inherits_measured_costs_and_skips_warmup():
     assert second.choose() == max(rates, key=rates.get) == 3  # prior acceptance 0.7, cheap draft
 
 
+def test_catch_up_is_priced_from_its_own_passes_else_from_the_targets_prompt_pass():
+    from exo.speculative.adaptive import PRIOR_DRAFT_SIZE
+
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    assert c.catch_up_cost(100) is None  # nothing measured
+    c.observe_prompt_pass(500, 2.0)  # 4 ms per prompt token on the target
+    assert c.catch_up_cost(100) == pytest.approx(100 * 0.004 * PRIOR_DRAFT_SIZE)
+    c.observe_catch_up(50, 0.05)  # the draft's own pass: 1 ms per token
+    assert c.catch_up_cost(100) == pytest.approx(0.1)
+    later = AdaptiveK(max_depth=8, initial_k=4)
+    later.inherit_costs(c)
+    assert later.catch_up_cost(100) == pytest.approx(0.1)
+
+
 def test_trusted_depth_counts_leading_positions_above_threshold():
     c = AdaptiveK(max_depth=8, initial_k=4)
     assert c.trusted_depth(0.8) == 0  # nothing measured yet

@@ -160,6 +160,24 @@ def test_the_hybrid_picks_the_best_expected_rate(draft_step, model_acceptance, c
     assert hybrid._choose(copy, 8, model_k=controller.choose() or 4) == expected
 
 
+@pytest.mark.parametrize("left,expected", [(8, "suffix"), (256, "model")])
+def test_a_lagging_model_is_chosen_only_where_the_rest_of_the_answer_pays_for_its_catch_up(left, expected):
+    """Without a lag the model (acceptance 0.9) beats copies (0.6); 100 unseen tokens at a
+    measured 1.2 ms each cost 0.12 s, worth it over 256 more tokens but not over 8."""
+    from exo.speculative.adaptive import DecayedRate, WindowedMedian
+    from exo.speculative.drafters import DraftBlock
+    from exo.speculative.drafters.suffix import SuffixDrafter
+
+    controller = _measured(0.002, 0.9)
+    controller.catch_up = WindowedMedian(9, 0.0012)
+    hybrid = HybridDrafter(None, SuffixDrafter(), controller)
+    hybrid.copy_acceptance[8] = DecayedRate(0.6)
+    copy = DraftBlock(list(range(8)), None, 100, drafter="suffix")
+    k = controller.choose()
+    assert hybrid._choose(copy, 8, k) == "model"
+    assert hybrid._choose(copy, 8, k, lag=100, left=left) == expected
+
+
 async def test_blocks_and_events_name_their_drafter(make_speculative, tiny_llama, tiny_llama_other):
     events = EventBus()
     # A fixed K copies whenever there is a copy (any earlier token, with a minimum match of 1).
@@ -213,7 +231,7 @@ async def test_a_hybrid_switching_drafter_every_block_stays_exact(make_speculati
     turns = iter(range(10 ** 6))
     choices = ("model", "suffix", "none")
     monkeypatch.setattr(HybridDrafter, "_choose",
-                        lambda self, copy, bucket, model_k: choices[next(turns) % 3] if copy.tokens else "model")
+                        lambda self, copy, bucket, model_k, *rest: choices[next(turns) % 3] if copy.tokens else "model")
     engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="hybrid", pipelined=pipelined,
                                  suffix_min_match=1)  # copies after any seen token: most blocks have one
     params = GenerationParams(max_tokens=48, temperature=0.0)

@@ -1,7 +1,5 @@
 """Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
 
-from pathlib import Path
-
 import pytest
 
 from exo.inference.generate import GenerationParams
@@ -9,7 +7,6 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.speculative.config import ConfigError
 from tests.helpers.decoding import collect, plain_tokens
 from tests.helpers.laws import joint_law, sampled_tv
-from tests.helpers.tiny_models import make_early_exit, make_tiny_model
 
 
 @pytest.fixture
@@ -120,17 +117,6 @@ async def test_incompatible_tokenizer_is_refused(make_speculative, tiny_llama, s
     shard = await engine.full_shard(str(smollm2_dir))
     with pytest.raises(ConfigError, match="different tokenizers"):
         await engine.ensure_shard(shard)
-
-
-@pytest.fixture(scope="module")
-def joint_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A 2-layer tiny llama and its 1-layer early exit (same weights, tokenizer): the draft's
-    top-3 overlaps the target's, so 20-40 % of drafts are accepted and the residual rule
-    decides the rest. (tiny_llama_other's top-3 never overlaps tiny_llama's: with it every
-    draft is rejected, and a verifier that resamples from p instead of the residual passes
-    unnoticed.) Fewer layers also make each of the 2000 trials ~2x cheaper."""
-    target = make_tiny_model(tmp_path_factory.mktemp("joint-target"), "llama", layers=2, seed=1)
-    return target, make_early_exit(target, tmp_path_factory.mktemp("joint-draft"), 1)
 
 
 @pytest.mark.heavy

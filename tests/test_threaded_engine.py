@@ -45,7 +45,7 @@ class ToyEngine(ThreadedEngine[ToyCache]):
     def _make_cache(self) -> ToyCache:
         return ToyCache()
 
-    def _forward(self, x: np.ndarray, cache: ToyCache, last_positions: int | None) -> np.ndarray:
+    def _forward(self, x: np.ndarray, cache: ToyCache, last_positions: int | None, head_rows) -> np.ndarray:
         self.threads.add(threading.current_thread().name)
         out = np.arange(cache.offset, cache.offset + x.shape[1])[None]
         cache.offset += x.shape[1]

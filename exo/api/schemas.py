@@ -37,6 +37,7 @@ class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
     drafter: str | None = None  # auto | model | suffix | hybrid
     suffix_min_match: int | None = None
     suffix_max_depth: int | None = None
+    draft_vocab: int | None = None
 
     def fields(self) -> dict:
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}

@@ -18,12 +18,15 @@ import numpy as np
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
-__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "last_only", "ContextLengthError", "check_context",
+__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "HEAD_ROWS", "last_only", "ContextLengthError", "check_context",
            "context_of"]
 
 # `inference_state` key: the last shard returns logits for only this many final positions
 # (a prefill needs one row; a K-token verify needs K+1). Absent = every position.
 LAST_POSITIONS = "last_positions"
+# `inference_state` key: the last shard returns logits for only these vocabulary rows (an
+# `exo.inference.head_rows.HeadRows`, in its order), a draft model's restricted head. Absent = all.
+HEAD_ROWS = "head_rows"
 
 
 def last_only(n: int = 1) -> dict:

@@ -26,7 +26,8 @@ import anyio
 import numpy as np
 
 from exo.inference.cache_table import DEFAULT_CAPACITY, C, CacheTable
-from exo.inference.engine import LAST_POSITIONS, InferenceEngine, check_context
+from exo.inference.engine import HEAD_ROWS, LAST_POSITIONS, InferenceEngine, check_context
+from exo.inference.head_rows import HeadRows
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
 
@@ -76,9 +77,10 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
         """An empty KV cache for one request of the loaded model."""
 
     @abstractmethod
-    def _forward(self, x: np.ndarray, cache: C, last_positions: int | None) -> np.ndarray:
+    def _forward(self, x: np.ndarray, cache: C, last_positions: int | None,
+                 head_rows: HeadRows | None) -> np.ndarray:
         """Run checked input `x` at `cache.offset`, advance the cache by its length, return
-        the output as numpy."""
+        the output as numpy (on a last shard, only the `head_rows` columns of the logits)."""
 
     # -- calls --------------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -109,10 +111,14 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
         await self.ensure_shard(shard)
-        last = (inference_state or {}).get(LAST_POSITIONS)
-        return await self._run(self._infer, request_id, np.asarray(input_data), last), inference_state
+        state = inference_state or {}
+        rows = state.get(HEAD_ROWS)
+        rows = HeadRows.of(rows) if rows is not None else None
+        out = await self._run(self._infer, request_id, np.asarray(input_data), state.get(LAST_POSITIONS), rows)
+        return out, inference_state
 
-    def _infer(self, request_id: str, x: np.ndarray, last_positions: int | None) -> np.ndarray:
+    def _infer(self, request_id: str, x: np.ndarray, last_positions: int | None,
+               head_rows: HeadRows | None = None) -> np.ndarray:
         """Refuse a bad input before any cache exists for it, then run the backend's pass."""
         if self.shard.is_first_layer():
             if x.ndim != 2:
@@ -122,7 +128,8 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
         if x.shape[0] != 1:
             raise ValueError(f"the {self.name} engine runs batch size 1, got shape {x.shape}")
         check_context(self.model.max_context, self._caches.offset(request_id), x.shape[1])
-        return self._forward(x, self._caches.get_or_create(request_id, self._make_cache), last_positions)
+        cache = self._caches.get_or_create(request_id, self._make_cache)
+        return self._forward(x, cache, last_positions, head_rows if self.shard.is_last_layer() else None)
 
     # -- caches ---------------------------------------------------------------------------------
     def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:

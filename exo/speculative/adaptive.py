@@ -28,6 +28,9 @@ from collections import deque
 # relative to a one-token target step (measured ~0.1 on CPU, less on GPUs).
 PRIOR_ACCEPTANCE = 0.7
 PRIOR_VERIFY_SLOPE = 0.1
+# An unmeasured draft's size relative to the target, for pricing its passes (draft pairs are
+# 3-10x apart in parameters: 0.5B/1.5B, 1B/8B).
+PRIOR_DRAFT_SIZE = 0.3
 
 
 class WindowedMedian:
@@ -85,6 +88,8 @@ class AdaptiveK:
         self.draft_step = WindowedMedian(window)  # seconds per draft forward step
         self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
         self.overlap = WindowedMedian(window)  # block cycle / (draft + verify), when overlapped
+        self.prompt_pass = WindowedMedian(window)  # target seconds per token of a prompt pass
+        self.catch_up = WindowedMedian(window)  # draft seconds per token of a catch-up pass
         self.steps = 0
         self.since_speculation = 0
 
@@ -116,6 +121,22 @@ class AdaptiveK:
         length carries over; the model's acceptance and step cost are not in it."""
         self.steps += 1
         self.verify.setdefault(length, WindowedMedian(self.window)).update(verify_s)
+
+    def observe_prompt_pass(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.prompt_pass.update(seconds / tokens)
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.catch_up.update(seconds / tokens)
+
+    def catch_up_cost(self, tokens: int) -> float | None:
+        """Seconds for the draft to take in `tokens` it has not seen in one pass: measured per
+        token, else the target's prompt pass scaled by PRIOR_DRAFT_SIZE (None: neither known)."""
+        per_token = self.catch_up.value
+        if per_token is None and self.prompt_pass.value is not None:
+            per_token = self.prompt_pass.value * PRIOR_DRAFT_SIZE
+        return None if per_token is None else per_token * tokens
 
     def acceptance_at(self, i: int) -> float:
         """Position i's estimate; a never-tried position borrows the deepest tried one's."""
@@ -180,6 +201,9 @@ class AdaptiveK:
             self.verify = {n: m.copy() for n, m in previous.verify.items()}
             self.overlap = previous.overlap.copy()
             self.warmup_steps = 0
+        for name in ("prompt_pass", "catch_up"):
+            if getattr(previous, name).value is not None:
+                setattr(self, name, getattr(previous, name).copy())
 
     def choose(self) -> int:
         if not self.adaptive or self.steps < self.warmup_steps:

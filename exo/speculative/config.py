@@ -52,6 +52,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     drafter: str = AUTO
     suffix_min_match: int = 2  # shortest repeat (tokens) the suffix drafter copies from
     suffix_max_depth: int = 32  # the suffix drafter's own cap on a block
+    # Rows of the draft model's output head: its most frequent tokens (the lowest BPE ids)
+    # plus the special ones; 0 = the whole vocabulary. Exact either way (see inference/head_rows.py).
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_speculation_depth <= 64:
@@ -71,6 +74,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"suffix_min_match must be in 1..64, got {self.suffix_min_match}")
         if not 1 <= self.suffix_max_depth <= 256:
             raise ConfigError(f"suffix_max_depth must be in 1..256, got {self.suffix_max_depth}")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"draft_vocab must be 0 (whole vocabulary) or a number of rows, got {self.draft_vocab}")
 
     def merged(self, overrides: dict) -> "SpeculativeConfig":
         """This config with the fields in `overrides` replaced (validated, unknown fields refused)."""

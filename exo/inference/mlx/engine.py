@@ -23,6 +23,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from exo.inference.cache_table import DEFAULT_CAPACITY
+from exo.inference.head_rows import HeadRows
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
 from exo.inference.threaded import ThreadedEngine
@@ -69,9 +70,12 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
                  max_caches: int = DEFAULT_CAPACITY):
         super().__init__(model_dir_for, max_caches=max_caches)
         self._dtype = getattr(mx, dtype) if dtype else None
+        # The last restricted head asked for and its gathered weight (a draft uses one subset).
+        self._head: tuple[HeadRows, mx.array | None] | None = None
         _live_engines.add(self)
 
     def _load_model(self, shard: Shard, model_dir: Path) -> ShardedModel:
+        self._head = None  # gathered from the weights being replaced
         config = json.loads((model_dir / "config.json").read_text())
         model = ShardedModel(config, shard)
         weights: dict[str, mx.array] = {}
@@ -93,14 +97,27 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         log.info("loaded %s layers %d-%d from %s", shard.model_id, shard.start_layer, shard.end_layer, model_dir)
         return model
 
+    def _head_weight(self, rows: HeadRows) -> mx.array | None:
+        if self._head is None or self._head[0] != rows:
+            self._head = (rows, self.model.head_weight(mx.array(rows.ids().astype(np.int32))))
+        return self._head[1]
+
+    def _release(self) -> None:
+        super()._release()
+        self._head = None
+
     def _make_cache(self) -> LayerCaches:
         return LayerCaches(self.model.make_cache())
 
-    def _forward(self, x: np.ndarray, cache: LayerCaches, last_positions: int | None) -> np.ndarray:
+    def _forward(self, x: np.ndarray, cache: LayerCaches, last_positions: int | None,
+                 head_rows: HeadRows | None) -> np.ndarray:
         if self.shard.is_first_layer():
             inputs = mx.array(x.astype(np.int32))
         else:
             inputs = mx.array(x, dtype=self._dtype or mx.float32)
-        out = self.model(inputs, cache.layers, last_positions)
+        head = self._head_weight(head_rows) if head_rows is not None else None
+        out = self.model(inputs, cache.layers, last_positions, head)
+        if head_rows is not None and head is None:
+            out = mx.take(out, mx.array(head_rows.ids().astype(np.int32)), axis=-1)
         mx.eval(out)
         return np.array(out.astype(mx.float32), copy=False)

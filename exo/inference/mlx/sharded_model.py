@@ -50,12 +50,13 @@ class ShardedModel(nn.Module):
             if not self.tied:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, x: mx.array, cache: list[KVCache], last_positions: int | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: list[KVCache], last_positions: int | None = None,
+                 head: mx.array | None = None) -> mx.array:
         """Token ids (B, T) on a first shard, hidden states (B, T, D) elsewhere.
 
         On the last shard, `last_positions` limits the head to the final positions: a
         prefill needs one row of logits, and the head over a long prompt is the costliest
-        matmul of the pass.
+        matmul of the pass. `head` (N, D), from `head_weight`, replaces the output head.
         """
         h = self.embed_tokens(x) if self.shard.is_first_layer() else x
         length = h.shape[1]
@@ -67,7 +68,19 @@ class ShardedModel(nn.Module):
         if last_positions is not None:
             h = h[:, -last_positions:]
         h = self.norm(h)
+        if head is not None:
+            return h @ head.T
         return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+
+    def head_weight(self, ids: mx.array) -> mx.array | None:
+        """The output head's rows `ids` as a dense (N, D) matrix; None where it is quantized
+        (its packed rows would need their scales gathered too)."""
+        layer = self.embed_tokens if self.tied else self.lm_head
+        if hasattr(layer, "scales"):
+            return None
+        rows = layer.weight[ids]
+        mx.eval(rows)
+        return rows
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]

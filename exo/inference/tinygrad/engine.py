@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from exo.inference.cache_table import DEFAULT_CAPACITY
+from exo.inference.head_rows import HeadRows
 from exo.inference.shard import Shard
 from exo.inference.threaded import ThreadedEngine
 
@@ -98,7 +99,9 @@ class TinygradInferenceEngine(ThreadedEngine[RequestCache]):
     def _make_cache(self) -> RequestCache:
         return RequestCache(self.model.make_cache())
 
-    def _forward(self, x: np.ndarray, cache: RequestCache, last_positions: int | None) -> np.ndarray:
+    def _forward(self, x: np.ndarray, cache: RequestCache, last_positions: int | None,
+                 head_rows: HeadRows | None) -> np.ndarray:
         out = self.model.forward(x, cache.tensors, cache.offset, last_positions)
         cache.offset += x.shape[1]
-        return out
+        # The jitted head computes every row; a restricted head is exact here but saves nothing.
+        return head_rows.select(out) if head_rows is not None else out

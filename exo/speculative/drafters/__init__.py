@@ -13,6 +13,7 @@ import numpy as np
 
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
+from exo.inference.head_rows import HeadRows
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.config import SpeculativeConfig
@@ -32,6 +33,7 @@ class DraftBlock:
     # Of draft_seconds, the part spent catching the draft up on committed tokens it had not
     # seen (after copies, or a deferred prompt pass): real time, but not a draft step's cost.
     catch_up_seconds: float = 0.0
+    catch_up_tokens: int = 0
 
     @property
     def k(self) -> int:
@@ -67,6 +69,16 @@ class Proposer(Protocol):
         """The request is over: free what is held for it (idempotent)."""
 
 
+def draft_head_rows(config: SpeculativeConfig, engine: InferenceEngine) -> HeadRows | None:
+    """The restricted output head `config.draft_vocab` asks for on the loaded draft, or None."""
+    if not config.draft_vocab or engine.tokenizer is None:
+        return None
+    tokenizer = engine.tokenizer
+    # Added tokens (end of turn, tool and FIM markers) sit past the merges: always keep them.
+    added = list(getattr(getattr(tokenizer, "hf", None), "added_tokens_decoder", {}) or ())
+    return HeadRows.ranked(config.draft_vocab, len(tokenizer), [*tokenizer.eos_token_ids, *added])
+
+
 def make_proposer(config: SpeculativeConfig, engine: InferenceEngine | None, shard: Shard | None,
                   controller: AdaptiveK) -> Proposer:
     """The drafter `config.drafter` names ("auto" resolved by the caller), drafting with the
@@ -84,8 +96,9 @@ def make_proposer(config: SpeculativeConfig, engine: InferenceEngine | None, sha
         return HybridDrafter(None, suffix(), controller)
     if engine is None or shard is None:
         raise ValueError(f"the {config.drafter!r} drafter needs a draft model")
+    model = ModelDrafter(engine, shard, draft_head_rows(config, engine))
     if config.drafter == "model":
-        return ModelDrafter(engine, shard)
+        return model
     if config.drafter == "hybrid":
-        return HybridDrafter(ModelDrafter(engine, shard), suffix(), controller)
+        return HybridDrafter(model, suffix(), controller)
     raise ValueError(f"unknown drafter {config.drafter!r}")

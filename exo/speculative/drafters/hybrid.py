@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from exo.inference.generate import GenerationParams
-from exo.speculative.adaptive import AdaptiveK, DecayedRate
+from exo.speculative.adaptive import PRIOR_DRAFT_SIZE, AdaptiveK, DecayedRate
 from exo.speculative.drafters import DraftBlock
 from exo.speculative.drafters.model import ModelDrafter
 from exo.speculative.drafters.suffix import SuffixDrafter
@@ -38,8 +38,11 @@ def prior_copy_acceptance(bucket: int) -> float:
     observations, so the first few scored candidates decide."""
     return bucket / (bucket + 2)
 
-PRIOR_DRAFT_STEP = 0.3  # an untried draft step, as a fraction of a target step (drafts are a few times smaller)
 PENDING_CANDIDATES = 8  # unscored candidates kept at most (a pipelined run has a few in flight)
+# Tokens over which a catch-up pass (the draft's deferred prompt pass, or what it missed
+# while copies were used) is paid back: the request's remaining budget, but no more than
+# this, since most answers end well before a large max_tokens.
+CATCH_UP_HORIZON = 256
 
 
 def match_bucket(match_length: int) -> int:
@@ -68,10 +71,11 @@ class HybridDrafter:
         self.copy_acceptance: dict[int, DecayedRate] = {}
         self._pending: list[_Candidate] = []
         self._final = 0  # committed length known to be final
+        self._prompt_length = 0
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
         await self.suffix.prefill(request_id, prompt)  # the model's prompt pass waits for its first block
-        self._final = len(prompt)
+        self._final = self._prompt_length = len(prompt)
 
     def limit(self, chosen_k: int) -> int:
         return max(self._model_limit(chosen_k), self.suffix.limit(chosen_k))
@@ -92,7 +96,9 @@ class HybridDrafter:
                 copy.tokens = copy.tokens[:self._best_copy_length(bucket, len(copy.tokens))]
         model_k = min(k, self._model_limit(self.controller.choose()))
         if self.controller.adaptive:
-            choice = self._choose(copy, bucket, model_k)
+            left = params.max_tokens - (len(committed) - self._prompt_length)
+            lag = self.model.lag(request_id, len(committed)) if model_k else 0
+            choice = self._choose(copy, bucket, model_k, lag, left)
         else:  # a fixed K decides by the text alone, never by timings, so a seed reproduces the output
             choice = "suffix" if copy.tokens else "model" if model_k else "none"
         if choice == "suffix":
@@ -138,15 +144,23 @@ class HybridDrafter:
             return n
         return max(range(1, n + 1), key=lambda m: (self._copy_tokens(bucket, m) / costs[m - 1], -m))
 
-    def _choose(self, copy: DraftBlock, bucket: int, model_k: int) -> str:
+    def _choose(self, copy: DraftBlock, bucket: int, model_k: int, lag: int = 0, left: int = 1) -> str:
         """"suffix", "model" or "none" by expected tokens per second (a copy whenever there is
-        one while costs are still unmeasured: it costs nothing to try)."""
+        one while costs are still unmeasured: it costs nothing to try). A model whose cache
+        lags by `lag` tokens must first catch up; that pass is spread over the `left` tokens
+        still to come (at most CATCH_UP_HORIZON), so a long prompt with a short answer, or
+        a short gap between copies, does not pay for the model draft unless it earns it back."""
         rates: dict[str, float | None] = {"none": self.controller.expected_rate(0)}
         if copy.tokens:
             verify = self.controller.verify_cost(copy.k + 1)
             rates["suffix"] = self._copy_tokens(bucket, copy.k) / verify if verify else None
         if model_k:
-            rates["model"] = self.controller.expected_rate(model_k) or self._untried_model_rate(model_k)
+            rate = self.controller.expected_rate(model_k) or self._untried_model_rate(model_k)
+            catch_up = self.controller.catch_up_cost(lag) if lag else 0.0
+            if rate is not None and catch_up:
+                horizon = max(1, min(left, CATCH_UP_HORIZON))
+                rate = horizon / (catch_up + horizon / rate)
+            rates["model"] = rate
         if copy.tokens and rates["suffix"] is None:
             return "suffix"
         known = {name: rate for name, rate in rates.items() if rate is not None}
@@ -156,7 +170,7 @@ class HybridDrafter:
 
     def _untried_model_rate(self, k: int) -> float | None:
         """What an unmeasured model draft is worth: adaptive K's acceptance prior, a draft step
-        at PRIOR_DRAFT_STEP of a target step. Copies that keep missing fall below it, so the
+        at PRIOR_DRAFT_SIZE of a target step. Copies that keep missing fall below it, so the
         model gets its first block; from then on its own measured costs count."""
         plain, verify = self.controller.verify_cost(1), self.controller.verify_cost(k + 1)
         if plain is None or verify is None:
@@ -165,7 +179,7 @@ class HybridDrafter:
         for i in range(k):
             survive *= self.controller.acceptance_at(i)
             tau += survive
-        return tau / (k * PRIOR_DRAFT_STEP * plain + verify)
+        return tau / (k * PRIOR_DRAFT_SIZE * plain + verify)
 
     # -- learning ---------------------------------------------------------------------------
     def _score(self, committed: list[int]) -> None:

@@ -7,8 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.engine import HEAD_ROWS, InferenceEngine, last_only
 from exo.inference.generate import GenerationParams
+from exo.inference.head_rows import HeadRows
 from exo.inference.sampling import sample, warp
 from exo.inference.shard import Shard
 from exo.speculative.drafters import DraftBlock
@@ -20,17 +21,27 @@ CATCH_UP_AFTER = 8
 
 
 class ModelDrafter:
-    """A `Proposer` backed by a small model on `engine`; its KV cache is the per-request state."""
+    """A `Proposer` backed by a small model on `engine`; its KV cache is the per-request state.
 
-    def __init__(self, engine: InferenceEngine, shard: Shard):
-        self.engine, self.shard = engine, shard
+    With `head_rows` the draft scores only those vocabulary rows (a cheaper step); its blocks
+    carry the restricted distribution it sampled from, so verification stays exact.
+    """
+
+    def __init__(self, engine: InferenceEngine, shard: Shard, head_rows: HeadRows | None = None):
+        self.engine, self.shard, self.head_rows = engine, shard, head_rows
+        self._state = last_only() | ({HEAD_ROWS: head_rows} if head_rows is not None else {})
+
+    async def _step(self, request_id: str, tokens: list[int]) -> np.ndarray:
+        """One draft forward over `tokens`; the logits row of its last position."""
+        logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([tokens]), self._state)
+        return logits.reshape(-1, logits.shape[-1])[-1]
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
         """Run the draft over the prompt once, before any block: a block's draft time must be
         its draft steps only, or adaptive K would price every token at the prompt's cost."""
         if self.engine.cache_offset(request_id) != 0:
             raise RuntimeError(f"draft cache of {request_id!r} is not empty before its prefill")
-        await self.engine.infer_tensor(request_id, self.shard, np.asarray([prompt]), last_only())
+        await self._step(request_id, prompt)
 
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
                       threshold: float, rng: np.random.Generator,
@@ -46,11 +57,11 @@ class ModelDrafter:
         pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
         if not pending:
             raise RuntimeError(f"draft cache of {request_id!r} is ahead of the committed sequence")
-        caught_up = 0.0
+        caught_up, caught_up_tokens = 0.0, 0
         if len(pending) > CATCH_UP_AFTER:  # one pass over what it missed, timed apart from the steps
             started = time.perf_counter()
-            await self.engine.infer_tensor(request_id, self.shard, np.asarray([pending[:-1]]), last_only())
-            caught_up = time.perf_counter() - started
+            await self._step(request_id, pending[:-1])
+            caught_up, caught_up_tokens = time.perf_counter() - started, len(pending) - 1
             pending = pending[-1:]
         tokens: list[int] = []
         rows: list[np.ndarray] = []
@@ -59,22 +70,33 @@ class ModelDrafter:
         for i in range(k):
             if i and interrupted():
                 break
-            logits, _ = await self.engine.infer_tensor(request_id, self.shard, np.asarray([step_input]), last_only())
+            row = await self._step(request_id, step_input)
             steps += 1
-            row = logits.reshape(-1, logits.shape[-1])[-1]
             if threshold > 0 and i >= max(trusted, 1) and _top_probability(row) < threshold:
                 # The cache now holds the last drafted token too; keep the invariant that the
                 # final token of a block is unseen by the draft, so the next call has input.
                 rollback_to(self.engine, request_id, self.engine.cache_offset(request_id) - 1)
                 break
-            probs = warp(row, params.temperature, params.top_k, params.top_p)
-            token = int(np.argmax(probs)) if params.temperature == 0 else sample(probs, rng)
+            token, probs = self._draw(row, params, rng)
             tokens.append(token)
             rows.append(probs)
             step_input = [token]
         vocab = rows[0].shape[-1] if rows else 0
         return DraftBlock(tokens, np.stack(rows) if rows else np.zeros((0, vocab)), len(committed), steps=steps,
-                          catch_up_seconds=caught_up)
+                          catch_up_seconds=caught_up, catch_up_tokens=caught_up_tokens)
+
+    def _draw(self, row: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """A token from a step's logits row, and the distribution (over token ids) it came from."""
+        probs = warp(row, params.temperature, params.top_k, params.top_p)
+        index = int(np.argmax(probs)) if params.temperature == 0 else sample(probs, rng)
+        if self.head_rows is None:
+            return index, probs
+        return self.head_rows.token(index), self.head_rows.widen(probs)
+
+    def lag(self, request_id: str, committed_length: int) -> int:
+        """Committed tokens the next block would first take in with a catch-up pass (0: none)."""
+        pending = committed_length - self.engine.cache_offset(request_id)
+        return pending - 1 if pending > CATCH_UP_AFTER else 0
 
     def limit(self, chosen_k: int) -> int:
         return chosen_k  # every token costs a draft step: adaptive K's choice is the limit

@@ -68,6 +68,7 @@ class SpeculativeRequest:
                 verdict = await verifier.prefill(self.prompt, rng)
         else:
             verdict = await verifier.prefill(self.prompt, rng)
+            self.controller.observe_prompt_pass(len(self.prompt), time.perf_counter() - start)
         first = self.finish(verdict.emitted, verdict.logprobs)
         self.metrics.prefill_time = time.perf_counter() - start
         self.metrics.prefill_emitted = len(first)
@@ -117,6 +118,8 @@ class SpeculativeRequest:
         `emitted` is what `finish` let through of the verdict. Metrics count only that (a
         block cut by EOS or the budget counts as drafted and accepted up to the cut); the
         controller learns from the whole verdict, which says as much about the draft."""
+        if block.catch_up_tokens:
+            self.controller.observe_catch_up(block.catch_up_tokens, block.catch_up_seconds)
         if block.k and block.drafter != "model":
             self.controller.observe_verify(block.k + 1, verify_s)
         else:
