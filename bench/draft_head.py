@@ -4,7 +4,8 @@ per subset size.
     .venv/bin/python bench/draft_head.py [--sizes 0 65536 32768 16384 8192] [--steps 24]
 
 - Step time: one draft decode step (a 1-token forward after a ~900-token prompt, as in a
-  real block) for each size, sizes interleaved round by round so drift hits all of them.
+  real block) for each size, sizes interleaved round by round (4 timed steps each) so
+  drift hits all of them.
 - Coverage: the share of the tokens in every benchmark prompt (bench/drafter_prompts.py)
   whose id is inside the subset: a token outside can never be drafted.
 - Acceptance (greedy): where bench/results/drafters.json holds the target's plain greedy
@@ -55,14 +56,16 @@ def main() -> None:
         await engine.infer_tensor("step", shard, np.asarray([context]), last_only())
         base = engine.cache_offset("step")
         times: dict[int, list[float]] = {size: [] for size in args.sizes}
-        for step in range(args.steps + 2):
-            for size in args.sizes[step % len(args.sizes):] + args.sizes[:step % len(args.sizes)]:
+        rounds = max(1, args.steps // 4)
+        for turn in range(rounds + 1):
+            for size in args.sizes[turn % len(args.sizes):] + args.sizes[:turn % len(args.sizes)]:
                 state = last_only() | ({HEAD_ROWS: heads[size]} if heads[size] else {})
-                started = time.perf_counter()
-                await engine.infer_tensor("step", shard, np.asarray([[context[step % len(context)]]]), state)
-                if step >= 2:  # the first rounds gather the heads and page weights in
-                    times[size].append(time.perf_counter() - started)
-                engine.trim_cache("step", engine.cache_offset("step") - base)
+                for step in range(5):  # the engine keeps one gathered head: the first step gathers it
+                    started = time.perf_counter()
+                    await engine.infer_tensor("step", shard, np.asarray([[context[step]]]), state)
+                    if turn and step:  # round 0 pages the weights in
+                        times[size].append(time.perf_counter() - started)
+                    engine.trim_cache("step", engine.cache_offset("step") - base)
         engine.free_cache("step")
 
         every = [t for ts in prompts.values() for p in ts for t in p]
