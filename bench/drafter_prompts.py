@@ -3,28 +3,23 @@
 the same on every run and needs no download.
 
 Code comes from Python's standard library (`inspect.getsource`), articles and passages from
-this project's README sections; the writing briefs and math problems are written here.
+`drafter_articles.json` (this project's README sections as they were on 2026-12-02, frozen
+so that editing the README does not change the benchmark); the writing briefs and math
+problems are written here.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
+import json
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ARTICLES = Path(__file__).resolve().parent / "drafter_articles.json"
 
 
-def _readme_sections(min_chars: int = 1200, max_chars: int = 4000) -> list[tuple[str, str]]:
-    """(title, text) of README sections long enough to be an article."""
-    sections = re.split(r"^## ", README.read_text(), flags=re.M)[1:]
-    out = []
-    for section in sections:
-        title, _, body = section.partition("\n")
-        body = re.sub(r"```.*?```", "", body, flags=re.S).strip()
-        if len(body) >= min_chars:
-            out.append((title.strip(), body[:max_chars]))
-    return out
+def _articles() -> list[tuple[str, str]]:
+    """(title, text) of each article."""
+    return [(a["title"], a["text"]) for a in json.loads(ARTICLES.read_text())]
 
 
 def _functions() -> list[str]:
@@ -100,7 +95,7 @@ QUESTIONS = [
 
 def build(per_category: int = 4) -> dict[str, list[str]]:
     """Category -> user messages (`per_category` each)."""
-    articles = _readme_sections()
+    articles = _articles()
     functions = _functions()
     n = per_category
     prompts = {
