@@ -77,6 +77,18 @@ def test_trusted_depth_counts_leading_positions_above_threshold():
     assert c.trusted_depth(0.8) == 2
 
 
+def test_positions_not_yet_tried_are_trusted_like_the_deepest_tried():
+    """Blocks cut after one token never try position 1: it borrows position 0's estimate,
+    so a draft accepted 95 % of the time is not cut on its confidence for ever."""
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    for _ in range(20):
+        c.observe(1, 1, 0.2, 1.0)
+    assert c.trusted_depth(0.8) == 8
+    for _ in range(20):
+        c.observe(3, 1, 0.6, 1.0)  # deeper positions now tried, and rejected
+    assert c.trusted_depth(0.8) == 1
+
+
 def test_one_outlier_moves_neither_the_estimate_nor_the_choice():
     c = AdaptiveK(max_depth=8, initial_k=4)
     feed(c, 12, lambda i: 1.0 if i < 3 else 0.0, draft_cost=0.1, verify_cost=lambda n: 1 + 0.05 * (n - 1))
