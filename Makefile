@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(VENV)/bin/python -c 'import exo.blas; exo.blas.main()'
 	touch $(STAMP)
 
 clean:

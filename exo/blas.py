@@ -160,3 +160,9 @@ def report_blas() -> None:
     choice = select_blas()
     level = logging.WARNING if choice.name == "bundled" else logging.INFO
     log.log(level, choice.message)
+
+
+def main() -> None:
+    """`make setup` calls this: build the kernel now, not on the first run, and say what is in use."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    report_blas()

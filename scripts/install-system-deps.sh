@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System libraries exo needs on Linux: an optimised BLAS for MLX's CPU backend (~3x faster
-# decode), BLIS as the alternative, and clang for tinygrad's CPU backend. Best effort: without
+# decode), BLIS as the alternative, gcc (with libgomp) for exo's few-row matmul kernel, and
+# clang for tinygrad's CPU backend. Best effort: without
 # them exo still runs, only slower, and says so.
 set -u
 [ "$(uname -s)" = "Linux" ] || exit 0
 command -v apt-get >/dev/null || { echo "install-system-deps: no apt-get; install OpenBLAS (pthread) and clang yourself" >&2; exit 0; }
-packages=(libopenblas0-pthread libblis4-pthread clang)
+packages=(libopenblas0-pthread libblis4-pthread gcc clang)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
