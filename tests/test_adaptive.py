@@ -77,6 +77,16 @@ def test_trusted_depth_counts_leading_positions_above_threshold():
     assert c.trusted_depth(0.8) == 2
 
 
+def test_the_first_pass_at_a_new_length_is_not_kept():
+    """A warm-up verify of 5 tokens that took 10x too long would price K = 4 out for good
+    (K = 4 is then never tried again to correct it)."""
+    c = AdaptiveK(max_depth=8, initial_k=4)
+    c.observe(4, 4, 0.4, 10.0)
+    assert c.verify_cost(5) is None
+    c.observe(4, 4, 0.4, 1.4)
+    assert c.verify_cost(5) == pytest.approx(1.4)
+
+
 def test_positions_not_yet_tried_are_trusted_like_the_deepest_tried():
     """Blocks cut after one token never try position 1: it borrows position 0's estimate,
     so a draft accepted 95 % of the time is not cut on its confidence for ever."""

@@ -87,6 +87,10 @@ class AdaptiveK:
         self.window = window
         self.draft_step = WindowedMedian(window)  # seconds per draft forward step
         self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
+        # Lengths seen once: the first pass at a new length allocates (and on some backends
+        # compiles), and a K that looks dear is never chosen again to correct it, so that
+        # first sample is not kept (measured: one slow warm-up verify held K at 1 for good).
+        self._first_seen: set[int] = set()
         self.overlap = WindowedMedian(window)  # block cycle / (draft + verify), when overlapped
         self.prompt_pass = WindowedMedian(window)  # target seconds per token of a prompt pass
         self.catch_up = WindowedMedian(window)  # draft seconds per token of a catch-up pass
@@ -112,7 +116,7 @@ class AdaptiveK:
             self.since_speculation += 1
         if steps:
             self.draft_step.update(draft_s / steps)
-        self.verify.setdefault(k + 1, WindowedMedian(self.window)).update(verify_s)
+        self._observe_length(k + 1, verify_s)
         if k and cycle_s is not None and draft_s + verify_s > 0:
             self.overlap.update(cycle_s / (draft_s + verify_s))
 
@@ -120,6 +124,12 @@ class AdaptiveK:
         """Learn from a block another drafter proposed: only the target's cost per input
         length carries over; the model's acceptance and step cost are not in it."""
         self.steps += 1
+        self._observe_length(length, verify_s)
+
+    def _observe_length(self, length: int, verify_s: float) -> None:
+        if length not in self._first_seen:
+            self._first_seen.add(length)
+            return
         self.verify.setdefault(length, WindowedMedian(self.window)).update(verify_s)
 
     def observe_prompt_pass(self, tokens: int, seconds: float) -> None:
@@ -201,6 +211,7 @@ class AdaptiveK:
         if previous.draft_step.value is not None and previous.verify:
             self.draft_step = previous.draft_step.copy()
             self.verify = {n: m.copy() for n, m in previous.verify.items()}
+            self._first_seen = set(previous._first_seen)
             self.overlap = previous.overlap.copy()
             self.warmup_steps = 0
         for name in ("prompt_pass", "catch_up"):
