@@ -52,7 +52,7 @@ def test_new_request_inherits_measured_costs_and_skips_warmup():
     second.inherit_costs(first)
     rates = {k: second.expected_rate(k) for k in range(9)}
     assert None not in rates.values()  # costs are known before this request measured anything
-    assert second.choose() == max(rates, key=rates.get) == 3  # prior acceptance 0.7, cheap draft
+    assert second.choose() == max(rates, key=rates.get) == 8  # the pair's measured acceptance, cheap draft
 
 
 def test_catch_up_is_priced_from_its_own_passes_else_from_the_targets_prompt_pass():
@@ -75,6 +75,17 @@ def test_trusted_depth_counts_leading_positions_above_threshold():
     for _ in range(20):
         c.observe(4, 2, 0.4, 1.0)  # positions 0 and 1 always accepted, position 2 rejected
     assert c.trusted_depth(0.8) == 2
+
+
+def test_a_new_request_starts_from_the_pairs_measured_acceptance_lightly_held():
+    first = AdaptiveK(max_depth=8, initial_k=4)
+    feed(first, 30, lambda i: 1.0, draft_cost=0.2, verify_cost=lambda n: 1 + 0.1 * (n - 1))
+    second = AdaptiveK(max_depth=8, initial_k=4)
+    second.inherit_costs(first)
+    assert second.acceptance_at(0) > 0.95 and second.choose() == first.choose() == 8
+    for _ in range(3):
+        second.observe(8, 0, 1.6, 1.7)  # this text is different: three rejections turn it
+    assert second.acceptance_at(0) < 0.5 and second.expected_rate(8) < 0.5 * first.expected_rate(8)
 
 
 def test_the_first_pass_at_a_new_length_is_not_kept():

@@ -214,6 +214,14 @@ class AdaptiveK:
             self._first_seen = set(previous._first_seen)
             self.overlap = previous.overlap.copy()
             self.warmup_steps = 0
+        # What the pair's acceptance was becomes this request's prior, with the weight of two
+        # observations: the text decides within a few blocks, but a request no longer starts
+        # from a generic guess (at 0.7 a good draft is priced at K = 1, and K = 1 never tries
+        # the deeper positions that would show otherwise).
+        for mine, theirs in zip(self.acceptance, previous.acceptance):
+            if theirs.observed:
+                mine.reset(theirs.value)
+                mine.observed = True
         for name in ("prompt_pass", "catch_up"):
             if getattr(previous, name).value is not None:
                 setattr(self, name, getattr(previous, name).copy())
