@@ -71,7 +71,7 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         super().__init__(model_dir_for, max_caches=max_caches)
         self._dtype = getattr(mx, dtype) if dtype else None
         # The last restricted head asked for and its gathered weight (a draft uses one subset).
-        self._head: tuple[HeadRows, mx.array | None] | None = None
+        self._head: tuple[HeadRows, mx.array, mx.array | None] | None = None  # rows, their ids, weight
         _live_engines.add(self)
 
     def _load_model(self, shard: Shard, model_dir: Path) -> ShardedModel:
@@ -97,10 +97,12 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         log.info("loaded %s layers %d-%d from %s", shard.model_id, shard.start_layer, shard.end_layer, model_dir)
         return model
 
-    def _head_weight(self, rows: HeadRows) -> mx.array | None:
+    def _head_for(self, rows: HeadRows) -> tuple[mx.array, mx.array | None]:
+        """The rows' token ids and gathered head weight (None: a quantized head), kept for the next call."""
         if self._head is None or self._head[0] != rows:
-            self._head = (rows, self.model.head_weight(mx.array(rows.ids().astype(np.int32))))
-        return self._head[1]
+            ids = mx.array(rows.ids().astype(np.int32))
+            self._head = (rows, ids, self.model.head_weight(ids))
+        return self._head[1], self._head[2]
 
     def _release(self) -> None:
         super()._release()
@@ -115,9 +117,9 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
             inputs = mx.array(x.astype(np.int32))
         else:
             inputs = mx.array(x, dtype=self._dtype or mx.float32)
-        head = self._head_weight(head_rows) if head_rows is not None else None
+        ids, head = self._head_for(head_rows) if head_rows is not None else (None, None)
         out = self.model(inputs, cache.layers, last_positions, head)
-        if head_rows is not None and head is None:
-            out = mx.take(out, mx.array(head_rows.ids().astype(np.int32)), axis=-1)
+        if ids is not None and head is None:  # a quantized head: all rows, then these columns
+            out = mx.take(out, ids, axis=-1)
         mx.eval(out)
         return np.array(out.astype(mx.float32), copy=False)

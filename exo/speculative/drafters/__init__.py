@@ -75,7 +75,7 @@ def draft_head_rows(config: SpeculativeConfig, engine: InferenceEngine) -> HeadR
         return None
     tokenizer = engine.tokenizer
     # Added tokens (end of turn, tool and FIM markers) sit past the merges: always keep them.
-    added = list(getattr(getattr(tokenizer, "hf", None), "added_tokens_decoder", {}) or ())
+    added = list(tokenizer.hf.added_tokens_decoder)
     return HeadRows.ranked(config.draft_vocab, len(tokenizer), [*tokenizer.eos_token_ids, *added])
 
 
