@@ -31,9 +31,14 @@ def partial_path(bench: str, side: str) -> Path:
     return RESULTS / f"{bench}.{side}.partial.json"
 
 
-def partial_writer(bench: str, side: str, rows: list[dict], report: Callable[[dict], None]):
-    """Append a row and rewrite the side's partial file, so a crash loses nothing measured."""
+def partial_writer(bench: str, side: str, rows: list[dict], report: Callable[[dict], None],
+                   resume: bool = False):
+    """Append a row and rewrite the side's partial file, so a crash loses nothing measured.
+    `resume` first loads the rows the file already holds into `rows` (the side then skips
+    what they cover)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if resume and partial_path(bench, side).exists():
+        rows += json.loads(partial_path(bench, side).read_text())
 
     def keep(row: dict) -> None:
         rows.append(row)
@@ -43,14 +48,17 @@ def partial_writer(bench: str, side: str, rows: list[dict], report: Callable[[di
     return keep
 
 
-def run_sides(bench: str, script: str, sides: Sequence[str], reuse: Sequence[str]) -> list[dict]:
+def run_sides(bench: str, script: str, sides: Sequence[str], reuse: Sequence[str],
+              resume: bool = False) -> list[dict]:
     """Every side's rows: each measured in a process of its own (`script ... --side S`, one
     after another: a model pair per process is all the memory holds), or read back from
-    its last partial file when `reuse` names it."""
+    its last partial file when `reuse` names it. `resume` keeps the partial files (the side
+    process is told so by the same argv and measures only what they lack)."""
     rows: list[dict] = []
     for side in sides:
         if side not in reuse:
-            partial_path(bench, side).unlink(missing_ok=True)
+            if not resume:
+                partial_path(bench, side).unlink(missing_ok=True)
             argv = [a for a in sys.argv[1:] if a not in ("--reuse", *sides)]
             subprocess.run([sys.executable, script, *argv, "--side", side], check=True)
         rows += json.loads(partial_path(bench, side).read_text())

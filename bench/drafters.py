@@ -2,12 +2,16 @@
 and mlx-lm's own speculative decoding at its best K, in one run.
 
     .venv/bin/python bench/drafters.py [--per-category 4] [--max-tokens 64] [--temps 0]
-        [--seeds 0] [--mlx-lm-ks 2 4] [--reuse exo mlx-lm]
+        [--seeds 0] [--mlx-lm-ks 2 4] [--categories "code editing" ...] [--name drafters]
+        [--reuse exo mlx-lm] [--resume]
 
 Each side runs in its own process (the pair needs ~10 GB per copy): this project's engine
 first, every mode interleaved per prompt (so drift hits all of them), then mlx-lm's
 `stream_generate` (plain and `draft_model=` at each K) on the same token ids. Decode speed
-excludes the prompt pass. The exo side also measures the target's verify cost by block
+excludes the prompt pass; mlx-lm's side computes each prompt's KV cache once and trims it
+back after every run (its runs then start from the same cache, as ours start from a fresh
+prompt pass). `--resume` keeps the rows of an interrupted run and measures only the rest.
+The exo side also measures the target's verify cost by block
 length, and replays the suffix drafter over the greedy plain outputs for a grid of its
 settings (greedy acceptance is exact token equality, so the replay needs no model): that is
 the evidence behind the suffix defaults. Writes bench/results/drafters.json and .png and
@@ -41,7 +45,9 @@ def our_side(args: argparse.Namespace) -> None:
     from exo.speculative.engine import SpeculativeInferenceEngine
 
     rows: list[dict] = []
-    keep = partial_writer("drafters", "exo", rows, report)
+    keep = partial_writer(args.name, "exo", rows, report, args.resume)
+    done = {cell_key(r) for r in rows}
+    costs_path = RESULTS / f"{args.name}.costs.partial.json"
 
     async def verify_costs(engine, shard, prompt) -> dict[int, float]:
         """Median seconds of one target pass over n new tokens after a ~prompt-long cache."""
@@ -68,17 +74,18 @@ def our_side(args: argparse.Namespace) -> None:
         configs = {"plain": SpeculativeConfig(enabled=False)}
         configs |= {mode: SpeculativeConfig(enabled=True, draft_model=args.draft, drafter=mode)
                     for mode in MODES[1:]}
-        prompts = build(args.per_category)
+        prompts = selected_prompts(args)
         warm = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
         for config in configs.values():  # first calls compile and page in: not measured
             async with engine.generate(shard, warm, GenerationParams(max_tokens=4), config) as blocks:
                 async for _ in blocks:
                     pass
-        first = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": prompts["code editing"][0]}]))
-        costs = await verify_costs(engine, shard, first)
-        print(f"verify cost by length: {costs}", file=sys.stderr, flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "drafters.costs.partial.json").write_text(json.dumps(costs))
+        if not (args.resume and costs_path.exists()):
+            first = build(1)["code editing"][0]
+            costs = await verify_costs(engine, shard, tokenizer.encode(
+                tokenizer.chat_prompt([{"role": "user", "content": first}])))
+            print(f"verify cost by length: {costs}", file=sys.stderr, flush=True)
+            costs_path.write_text(json.dumps(costs))
         turn = 0
         for category, messages in prompts.items():
             for index, message in enumerate(messages):
@@ -90,6 +97,8 @@ def our_side(args: argparse.Namespace) -> None:
                     order = MODES[turn % len(MODES):] + MODES[:turn % len(MODES)]  # rotate who goes first
                     turn += 1
                     for mode in order:
+                        if (category, index, temp, seed, mode) in done:
+                            continue
                         tokens, first_at = [], None
                         async with engine.generate(shard, prompt, params, configs[mode]) as blocks:
                             async for block in blocks:
@@ -112,6 +121,7 @@ def mlx_lm_side(args: argparse.Namespace) -> None:
     import exo  # noqa: F401  (BLAS before mlx)
     import mlx.core as mx
     from mlx_lm import load, stream_generate
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
     from exo.inference.sources import model_dir_for
@@ -122,23 +132,53 @@ def mlx_lm_side(args: argparse.Namespace) -> None:
     draft, _ = load(str(draft_dir))
     ours = load_tokenizer(target_dir)
     rows: list[dict] = []
-    keep = partial_writer("drafters", "mlx-lm", rows, report)
-    for category, messages in build(args.per_category).items():
+    keep = partial_writer(args.name, "mlx-lm", rows, report, args.resume)
+    done = {cell_key(r) for r in rows}
+
+    def prefilled(prompt: list[int]) -> tuple[list, list]:
+        """Target and draft caches holding all of `prompt` but its last token."""
+        caches = make_prompt_cache(model), make_prompt_cache(draft)
+        for net, cache in zip((model, draft), caches):
+            net(mx.array([prompt[:-1]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        return caches
+
+    for category, messages in selected_prompts(args).items():
         for index, message in enumerate(messages):
             prompt = ours.encode(ours.chat_prompt([{"role": "user", "content": message}]))
-            for temp in args.temps:
-                for k in [0, *args.mlx_lm_ks]:
-                    mx.random.seed(0)
-                    tokens, first_at = [], None
-                    extra = {"draft_model": draft, "num_draft_tokens": k} if k else {}
-                    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                                    sampler=make_sampler(temp), **extra):
-                        first_at = first_at or time.perf_counter()
-                        tokens.append(response.token)
-                    elapsed = time.perf_counter() - first_at
-                    keep({"engine": "mlx-lm", "mode": f"K={k}" if k else "plain", "category": category,
-                          "prompt": index, "temperature": temp, "tokens": tokens,
-                          "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0})
+            wanted = [(temp, k) for temp in args.temps for k in [0, *args.mlx_lm_ks]
+                      if (category, index, temp, 0, f"K={k}" if k else "plain") not in done]
+            if not wanted:
+                continue
+            target_cache, draft_cache = prefilled(prompt)
+            for temp, k in wanted:
+                mx.random.seed(0)
+                tokens, first_at = [], None
+                extra = ({"draft_model": draft, "num_draft_tokens": k, "prompt_cache": target_cache + draft_cache}
+                         if k else {"prompt_cache": target_cache})
+                for response in stream_generate(model, tokenizer, prompt[-1:], max_tokens=args.max_tokens,
+                                                sampler=make_sampler(temp), **extra):
+                    first_at = first_at or time.perf_counter()
+                    tokens.append(response.token)
+                elapsed = time.perf_counter() - first_at
+                for cache in (target_cache, draft_cache):  # back to the prompt (less its last token)
+                    trim_prompt_cache(cache, cache[0].offset - (len(prompt) - 1))
+                keep({"engine": "mlx-lm", "mode": f"K={k}" if k else "plain", "category": category,
+                      "prompt": index, "temperature": temp, "seed": 0, "tokens": tokens,
+                      "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0})
+
+
+def selected_prompts(args: argparse.Namespace) -> dict[str, list[str]]:
+    prompts = build(args.per_category)
+    unknown = set(args.categories or ()) - set(prompts)
+    if unknown:
+        raise SystemExit(f"unknown categories {sorted(unknown)}; known: {list(prompts)}")
+    return {c: ms for c, ms in prompts.items() if not args.categories or c in args.categories}
+
+
+def cell_key(row: dict) -> tuple:
+    """What one measured row covers (a resumed run skips it)."""
+    return row["category"], row["prompt"], row["temperature"], row.get("seed", 0), row["mode"]
 
 
 def report(row: dict) -> None:
@@ -220,6 +260,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         if ks:
             best = max(ks, key=lambda k: median(speedups("mlx-lm", k)))
             entry["mlx_lm_best"] = {"k": best, "speedup": median(speedups("mlx-lm", best))}
+            if temp == 0:  # both engines' greedy plain decoding of the same token ids
+                theirs = {r["prompt"]: r["tokens"] for r in cell if r["engine"] == "mlx-lm" and r["mode"] == "plain"}
+                entry["mlx_lm_plain_identical"] = all(
+                    r["tokens"] == theirs[r["prompt"]] for r in cell
+                    if r["engine"] == "exo" and r["mode"] == "plain" and r["prompt"] in theirs)
             entry["plain_exo_vs_mlx_lm"] = median([
                 r["decode_tokens_per_second"] / next(p["decode_tokens_per_second"] for p in cell
                                                      if p["engine"] == "mlx-lm" and p["mode"] == "plain"
@@ -243,7 +288,7 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(table: list[dict]) -> None:
+def plot(table: list[dict], name: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(13, 4.5))
     labels = [f"{e['category']}\nT={e['temperature']}" for e in table]
@@ -253,7 +298,7 @@ def plot(table: list[dict]) -> None:
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_title("median decode speed-up over each engine's plain decoding", fontsize=10)
     ax.legend(fontsize=8)
-    save_figure(fig, "drafters")
+    save_figure(fig, name)
 
 
 def main() -> None:
@@ -265,26 +310,32 @@ def main() -> None:
     parser.add_argument("--temps", type=float, nargs="+", default=[0.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--mlx-lm-ks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
+    parser.add_argument("--name", default="drafters", help="stem of the results files")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["exo", "mlx-lm"],
                         help="reuse a side's rows from its last (partial) run instead of measuring again")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an interrupted run and measure only what they lack")
     parser.add_argument("--side", choices=["exo", "mlx-lm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
-    rows = run_sides("drafters", __file__, ("exo", "mlx-lm"), args.reuse)
+    chosen = selected_prompts(args)
+    rows = [r for r in run_sides(args.name, __file__, ("exo", "mlx-lm"), args.reuse, args.resume)
+            if r["category"] in chosen and r["prompt"] < len(chosen[r["category"]])]
     table = summarise(rows)
-    costs = {int(n): c for n, c in json.loads((RESULTS / "drafters.costs.partial.json").read_text()).items()}
+    costs = {int(n): c for n, c in json.loads((RESULTS / f"{args.name}.costs.partial.json").read_text()).items()}
     from exo.inference.sources import model_dir_for
     from exo.inference.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir_for(args.target))
     encoded = {c: [tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": m}])) for m in ms]
-               for c, ms in build(args.per_category).items()}
+               for c, ms in chosen.items()}
     grid = replay(rows, encoded, costs)
-    save("drafters", {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
+    save(args.name, {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
                       "summary": table, "verify_costs": costs, "suffix_replay": grid, "runs": rows})
-    plot(table)
+    plot(table, args.name)
     print(markdown(table))
     print("\nsuffix settings by replay (top 5, geometric mean over categories of the median speed-up):")
     for g in grid[:5]:
