@@ -3,7 +3,7 @@ and mlx-lm's own speculative decoding at its best K, in one run.
 
     .venv/bin/python bench/drafters.py [--per-category 4] [--max-tokens 64] [--temps 0]
         [--seeds 0] [--mlx-lm-ks 2 4] [--categories "code editing" ...] [--name drafters]
-        [--reuse exo mlx-lm] [--resume]
+        [--reuse exo mlx-lm] [--resume] [--engine mlx|tinygrad]
 
 Each side runs in its own process (the pair needs ~10 GB per copy): this project's engine
 first, every mode interleaved per prompt (so drift hits all of them), then mlx-lm's
@@ -11,7 +11,8 @@ first, every mode interleaved per prompt (so drift hits all of them), then mlx-l
 excludes the prompt pass; mlx-lm's side computes each prompt's KV cache once and trims it
 back after every run (its runs then start from the same cache, as ours start from a fresh
 prompt pass). `--resume` keeps the rows of an interrupted run and measures only the rest.
-The exo side also measures the target's verify cost by block
+`--engine tinygrad` runs this project's side on
+tinygrad (plain, suffix and hybrid; mlx-lm has no tinygrad side). The exo side also measures the target's verify cost by block
 length, and replays the suffix drafter over the greedy plain outputs for a grid of its
 settings (greedy acceptance is exact token equality, so the replay needs no model): that is
 the evidence behind the suffix defaults. Writes bench/results/drafters.json and .png and
@@ -32,6 +33,11 @@ from common import RESULTS, grouped_bars, machine, median, partial_writer, pyplo
 from drafter_prompts import build
 
 MODES = ["plain", "model", "suffix", "hybrid"]
+TINYGRAD_MODES = ["plain", "suffix", "hybrid"]  # the model draft alone loses on tinygrad here (see README)
+
+
+def modes_for(engine: str) -> list[str]:
+    return TINYGRAD_MODES if engine == "tinygrad" else MODES
 
 
 def our_side(args: argparse.Namespace) -> None:
@@ -39,8 +45,8 @@ def our_side(args: argparse.Namespace) -> None:
     import numpy as np
 
     import exo  # noqa: F401  (BLAS before mlx)
+    from exo.inference.backends import make_engine
     from exo.inference.generate import GenerationParams
-    from exo.inference.mlx.engine import MLXInferenceEngine
     from exo.speculative.config import SpeculativeConfig
     from exo.speculative.engine import SpeculativeInferenceEngine
 
@@ -66,14 +72,15 @@ def our_side(args: argparse.Namespace) -> None:
         return costs
 
     async def run() -> None:
-        engine = SpeculativeInferenceEngine(MLXInferenceEngine(), MLXInferenceEngine(),
+        engine = SpeculativeInferenceEngine(make_engine(args.engine), make_engine(args.engine),
                                             SpeculativeConfig(enabled=True, draft_model=args.draft))
+        modes = modes_for(args.engine)
         shard = await engine.full_shard(args.target)
         await engine.ensure_shard(shard)
         tokenizer = engine.tokenizer
         configs = {"plain": SpeculativeConfig(enabled=False)}
         configs |= {mode: SpeculativeConfig(enabled=True, draft_model=args.draft, drafter=mode)
-                    for mode in MODES[1:]}
+                    for mode in modes[1:]}
         prompts = selected_prompts(args)
         warm = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
         for config in configs.values():  # first calls compile and page in: not measured
@@ -94,7 +101,7 @@ def our_side(args: argparse.Namespace) -> None:
                     if temp == 0 and seed != (args.seeds or [0])[0]:
                         continue
                     params = GenerationParams(max_tokens=args.max_tokens, temperature=temp, seed=seed)
-                    order = MODES[turn % len(MODES):] + MODES[:turn % len(MODES)]  # rotate who goes first
+                    order = modes[turn % len(modes):] + modes[:turn % len(modes)]  # rotate who goes first
                     turn += 1
                     for mode in order:
                         if (category, index, temp, seed, mode) in done:
@@ -106,7 +113,7 @@ def our_side(args: argparse.Namespace) -> None:
                                 tokens += block.tokens
                         elapsed = time.perf_counter() - first_at
                         m = engine.get_metrics()["last_request"]
-                        keep({"engine": "exo", "mode": mode, "category": category, "prompt": index,
+                        keep({"engine": "exo", "backend": args.engine, "mode": mode, "category": category, "prompt": index,
                               "prompt_tokens": len(prompt), "temperature": temp, "seed": seed, "tokens": tokens,
                               "decode_tokens_per_second": (len(tokens) - 1) / elapsed if elapsed > 0 else 0.0,
                               "acceptance_rate": m["acceptance_rate"],
@@ -188,9 +195,15 @@ def report(row: dict) -> None:
 
 # -- the replay: suffix settings on recorded greedy outputs -------------------------------------
 def replay(rows: list[dict], prompts: dict[str, list[list[int]]], costs: dict[int, float]) -> list[dict]:
-    """Expected speed-up over plain of the bare suffix rule for a grid of settings, per
-    category: every block proposes what the rule gives, keeps the longest prefix equal to
-    the recorded greedy output, and costs one verify of its length (interpolated)."""
+    """Expected speed-up over plain of the suffix mode for a grid of its settings, per
+    category: copies under the hybrid's policy of when and how much to copy (the suffix
+    mode's own), no model. Every block keeps the longest prefix equal to the recorded greedy
+    output and costs one verify of its length (interpolated from the measured costs)."""
+    import numpy as np
+
+    from exo.inference.generate import GenerationParams
+    from exo.speculative.adaptive import AdaptiveK
+    from exo.speculative.drafters.hybrid import HybridDrafter
     from exo.speculative.drafters.suffix import SuffixDrafter
 
     lengths = sorted(costs)
@@ -202,29 +215,37 @@ def replay(rows: list[dict], prompts: dict[str, list[list[int]]], costs: dict[in
             return costs[below] * (n / below if n > below else 1.0)
         return costs[below] + (costs[above] - costs[below]) * (n - below) / (above - below)
 
+    async def speedup(prompt: list[int], truth: list[int], suffix: SuffixDrafter) -> float:
+        controller = AdaptiveK(suffix.max_depth, 4)
+        for n in lengths:  # measured costs, as a request inheriting them starts with
+            for _ in range(2):  # (the first sample per length is a warm-up, not kept)
+                controller.observe_verify(n, costs[n])
+        drafter = HybridDrafter(None, suffix, controller)
+        await drafter.prefill("replay", prompt)
+        committed, spent = list(prompt) + truth[:1], 0.0
+        drafter.accept("replay", len(committed))
+        params, rng = GenerationParams(max_tokens=len(truth)), np.random.default_rng(0)
+        while len(committed) < len(prompt) + len(truth):
+            block = (await drafter.propose("replay", committed, suffix.max_depth, params, 0.0, rng)).tokens
+            done = len(committed) - len(prompt)
+            kept = 0
+            while kept < len(block) and done + kept < len(truth) and block[kept] == truth[done + kept]:
+                kept += 1
+            spent += cost(len(block) + 1)
+            committed += truth[done:done + kept + 1]
+            drafter.accept("replay", len(committed))
+        return (len(truth) - 1) * cost(1) / spent
+
     out = []
     plain = [r for r in rows if r["engine"] == "exo" and r["mode"] == "plain" and r["temperature"] == 0]
-    for min_match, factor, cap in itertools.product((1, 2, 3, 4), (0.5, 1.0, 2.0), (8, 16, 32, 64)):
+    for min_match, factor, resync in itertools.product((1, 2, 3), (0.5, 1.0, 2.0), (False, True)):
         per_category: dict[str, list[float]] = {}
         for row in plain:
-            prompt, truth = prompts[row["category"]][row["prompt"]], row["tokens"]
-            drafter = SuffixDrafter(min_match=min_match, max_depth=cap,
-                                    length_rule=lambda m, f=factor: math.ceil(f * m))
-            rid = "replay"
-            asyncio.run(drafter.prefill(rid, prompt))
-            committed, spent = list(prompt) + truth[:1], 0.0
-            drafter.accept(rid, len(committed))
-            while len(committed) < len(prompt) + len(truth):
-                block = drafter.draft(rid, committed, cap).tokens
-                done = len(committed) - len(prompt)
-                kept = 0
-                while kept < len(block) and done + kept < len(truth) and block[kept] == truth[done + kept]:
-                    kept += 1
-                spent += cost(len(block) + 1)
-                committed += truth[done:done + kept + 1]
-                drafter.accept(rid, len(committed))
-            per_category.setdefault(row["category"], []).append((len(truth) - 1) * cost(1) / spent)
-        out.append({"min_match": min_match, "factor": factor, "cap": cap,
+            suffix = SuffixDrafter(min_match=min_match, length_rule=lambda m, f=factor: math.ceil(f * m),
+                                   resync=resync)
+            per_category.setdefault(row["category"], []).append(asyncio.run(
+                speedup(prompts[row["category"]][row["prompt"]], row["tokens"], suffix)))
+        out.append({"min_match": min_match, "factor": factor, "resync": resync,
                     "median_speedup": {c: median(v) for c, v in per_category.items()},
                     "geomean_over_categories": math.exp(sum(math.log(median(v)) for v in per_category.values())
                                                         / len(per_category))})
@@ -248,7 +269,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             return out
 
         entry = {"category": category, "temperature": temp}
-        for mode in MODES[1:]:
+        for mode in [m for m in MODES[1:] if any(r["mode"] == m for r in cell)]:
             mine = [r for r in cell if r["engine"] == "exo" and r["mode"] == mode]
             entry[mode] = {"speedup": median(speedups("exo", mode)),
                            "acceptance": median([r["acceptance_rate"] for r in mine]),
@@ -281,8 +302,8 @@ def markdown(table: list[dict]) -> str:
         mlx = e.get("mlx_lm_best")
         # Speed-ups are each engine over its own plain decoding; the ratio puts both on exo's plain.
         versus = (e["hybrid"]["speedup"] * e["plain_exo_vs_mlx_lm"] / mlx["speedup"]) if mlx else None
-        lines.append(f"| {e['category']} | {e['temperature']} | {e['model']['speedup']:.2f}x | "
-                     f"{e['suffix']['speedup']:.2f}x | {e['hybrid']['speedup']:.2f}x | "
+        cells = " | ".join(f"{e[m]['speedup']:.2f}x" if m in e else "-" for m in MODES[1:])
+        lines.append(f"| {e['category']} | {e['temperature']} | {cells} | "
                      + (f"{mlx['speedup']:.2f}x ({mlx['k']}) | {versus:.2f}x | " if mlx else "- | - | ")
                      + f"{e['hybrid']['acceptance']:.2f} | {e['hybrid']['tokens_per_verify']:.2f} |")
     return "\n".join(lines)
@@ -292,7 +313,7 @@ def plot(table: list[dict], name: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(13, 4.5))
     labels = [f"{e['category']}\nT={e['temperature']}" for e in table]
-    series = {mode: [e[mode]["speedup"] for e in table] for mode in MODES[1:]}
+    series = {mode: [e[mode]["speedup"] if mode in e else 0 for e in table] for mode in MODES[1:]}
     series["mlx-lm best K"] = [e["mlx_lm_best"]["speedup"] if "mlx_lm_best" in e else 0 for e in table]
     grouped_bars(ax, labels, series)
     ax.axhline(1.0, color="gray", linewidth=0.8)
@@ -310,6 +331,8 @@ def main() -> None:
     parser.add_argument("--temps", type=float, nargs="+", default=[0.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--mlx-lm-ks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--engine", choices=["mlx", "tinygrad"], default="mlx",
+                        help="this project's backend (tinygrad: no mlx-lm side)")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--name", default="drafters", help="stem of the results files")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["exo", "mlx-lm"],
@@ -322,7 +345,8 @@ def main() -> None:
         our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
     chosen = selected_prompts(args)
-    rows = [r for r in run_sides(args.name, __file__, ("exo", "mlx-lm"), args.reuse, args.resume)
+    sides = ("exo", "mlx-lm") if args.engine == "mlx" else ("exo",)
+    rows = [r for r in run_sides(args.name, __file__, sides, args.reuse, args.resume)
             if r["category"] in chosen and r["prompt"] < len(chosen[r["category"]])]
     table = summarise(rows)
     costs = {int(n): c for n, c in json.loads((RESULTS / f"{args.name}.costs.partial.json").read_text()).items()}
@@ -339,7 +363,7 @@ def main() -> None:
     print(markdown(table))
     print("\nsuffix settings by replay (top 5, geometric mean over categories of the median speed-up):")
     for g in grid[:5]:
-        print(f"  min_match={g['min_match']} factor={g['factor']} cap={g['cap']}: "
+        print(f"  min_match={g['min_match']} factor={g['factor']} resync={g['resync']}: "
               f"{g['geomean_over_categories']:.2f}x", {c: round(v, 2) for c, v in g["median_speedup"].items()})
 
 

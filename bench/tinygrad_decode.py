@@ -34,23 +34,12 @@ PROMPTS = {
 MODELS = {"qwen": ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"), "smollm2": ("smollm2-135m", None)}
 
 
-def early_exit_draft(target_dir: Path, layers: int) -> Path:
-    """The target's first `layers` layers as a draft directory (weights shared by symlink)."""
-    out = Path(tempfile.mkdtemp(prefix="exo-early-exit-"))
-    for item in target_dir.iterdir():
-        if item.name != "config.json":
-            (out / item.name).symlink_to(item)
-    config = json.loads((target_dir / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def side(args: argparse.Namespace) -> list[dict]:
     """Measure one engine (target and draft both on it) in this process."""
     import anyio
 
     import exo  # noqa: F401  (BLAS before mlx.core)
+    from exo.devtools.early_exit import make_early_exit
     from exo.inference.backends import make_engine
     from exo.inference.generate import GenerationParams
     from exo.inference.sources import model_dir_for
@@ -58,7 +47,7 @@ def side(args: argparse.Namespace) -> list[dict]:
     from exo.speculative.engine import SpeculativeInferenceEngine
 
     target_id, draft_id = MODELS[args.models]
-    draft = draft_id or str(early_exit_draft(model_dir_for(target_id), 24))
+    draft = draft_id or str(make_early_exit(model_dir_for(target_id), Path(tempfile.mkdtemp(prefix="exo-early-exit-")), 24))
 
     async def run() -> list[dict]:
         started = time.perf_counter()

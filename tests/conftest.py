@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tiny_models import make_early_exit, make_tiny_model
+from exo.devtools.early_exit import make_early_exit
+from tests.helpers.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="session")

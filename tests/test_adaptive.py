@@ -12,7 +12,7 @@ def feed(controller, steps, accept_prob_by_pos, draft_cost, verify_cost):
         while accepted < k and accept_prob_by_pos(accepted) >= 0.5:
             accepted += 1
         controller.observe(k, accepted, k * draft_cost, verify_cost(k + 1))
-    return controller.choose()
+    return controller.best_k()
 
 
 def test_good_draft_cheap_draft_goes_deep():
@@ -225,3 +225,16 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(make_speculati
     if not pipelined:  # (pipelined, the one fake clock also moves with the target mid-draft)
         assert inherited.draft_step.value == pytest.approx(draft_step, rel=0.03)
     assert engine.last_request.metrics.k_histogram.get(0, 0) == 0
+
+
+def test_an_early_miss_one_deeper_is_corrected_by_the_deeper_probe():
+    """Position 1 misses during the first blocks, then the text turns copyable: without the
+    probe one position deeper K stays at 1 (position 1 is never drafted again)."""
+    def run(probe_every):
+        c = AdaptiveK(max_depth=8, initial_k=2, probe_every=probe_every)
+        feed(c, 6, lambda i: 1.0 if i < 1 else 0.0, draft_cost=0.3, verify_cost=lambda n: 1 + 0.1 * (n - 1))
+        assert c.best_k() == 1
+        return feed(c, 120, lambda i: 1.0, draft_cost=0.3, verify_cost=lambda n: 1 + 0.1 * (n - 1))
+
+    assert run(probe_every=20) >= 4
+    assert run(probe_every=10**9) == 1  # the sealed estimate the probe exists for

@@ -251,7 +251,7 @@ async def test_sequential_use_matches_brute_force_on_every_block():
     rng = random.Random(11)
     truth = Truth(repetitive(rng, 3000, 60))
     prompt = truth.tokens[:300]
-    drafter = SuffixDrafter()
+    drafter = SuffixDrafter(resync=False)  # the automaton's own matches (resuming: tested below)
     await drafter.prefill("r", prompt)
     committed = prompt + [truth.tokens[300]]  # the target's prefill emits the first token
     accepted_total = 0
@@ -278,7 +278,7 @@ async def test_pipelined_use_with_blocks_in_flight_stays_consistent(accept_every
     rng = random.Random(12 + accept_every_verdict)
     truth = Truth(repetitive(rng, 4000, 40))
     prompt = truth.tokens[:200]
-    drafter = SuffixDrafter()
+    drafter = SuffixDrafter(resync=False)
     await drafter.prefill("p", prompt)
     committed = prompt + [truth.tokens[200]]
     sequence, in_flight = list(committed), []
@@ -315,6 +315,51 @@ async def test_pipelined_use_with_blocks_in_flight_stays_consistent(accept_every
             sequence = list(committed)
     assert blocks > 100
     assert drafter.indexed("p") <= len(committed)
+
+
+async def test_a_copy_resumes_past_one_replaced_token():
+    """A rewrite that re-indents a line replaces one token of its source and then follows it
+    again; the automaton's match has to include the new token, so only resuming finds it."""
+    rng = random.Random(7)
+    source = random_tokens(rng, 60, 1000)
+    prompt = random_tokens(rng, 20, 1000) + source + random_tokens(rng, 10, 1000)
+    for resync in (True, False):
+        drafter = SuffixDrafter(resync=resync)
+        await drafter.prefill("r", prompt)
+        committed = prompt + source[:8]
+        assert (await propose(drafter, "r", committed, 32)).tokens == source[8:16]
+        drafter.accept("r", len(committed) + 3)  # three kept, the fourth replaced
+        committed += source[8:11] + [5000]
+        block = await propose(drafter, "r", committed, 32)
+        if not resync:
+            assert block.tokens == [] and not drafter.last_resumed("r")  # 5000 was never seen
+            continue
+        assert drafter.last_resumed("r") and drafter.last_match("r") == 8 + 3  # the copy's match + its hits
+        assert block.tokens == source[12:23]
+        # Each immediate miss halves the length drafted by (11, 5, 2); below 4 it stops resuming.
+        for miss, (length, start) in enumerate([(5, 13), (2, 14)]):
+            drafter.accept("r", len(committed))
+            committed += [6000 + miss]
+            block = await propose(drafter, "r", committed, 32)
+            assert drafter.last_resumed("r") and block.tokens == source[start:start + length]
+        drafter.accept("r", len(committed))
+        committed += [7000]
+        assert (await propose(drafter, "r", committed, 32)).tokens == [] and not drafter.last_resumed("r")
+
+
+async def test_a_longer_automaton_match_beats_a_resumed_copy():
+    rng = random.Random(8)
+    source, edited = random_tokens(rng, 40, 1000), random_tokens(rng, 20, 1000)
+    # The same edit was made before, right after the source: the automaton has the edit itself.
+    prompt = source + source[:11] + [5000] + edited
+    drafter = SuffixDrafter()
+    await drafter.prefill("r", prompt)
+    committed = prompt + source[:8]
+    await propose(drafter, "r", committed, 32)
+    committed += source[8:11] + [5000]
+    drafter.accept("r", len(committed) - 1)
+    block = await propose(drafter, "r", committed, 32)
+    assert not drafter.last_resumed("r") and drafter.last_match("r") == 12 and block.tokens == edited[:12]
 
 
 async def test_an_accept_forgets_the_speculative_tail_it_ran_over():

@@ -4,6 +4,8 @@ Expected tokens per block with conditional per-position acceptance a_1..a_K is
 tau(K) = 1 + sum_i prod_{j<=i} a_j; its cost is K draft steps plus one (K+1)-token target
 pass. We pick the K with the best tau / cost, and K = 0 (plain decoding) when nothing beats
 it, with a short probe every so often so the estimates can recover when the text changes.
+The same holds one position deeper than the chosen K: the estimate of a position that is
+never drafted is never corrected, so every `probe_every` blocks one block drafts one more.
 
 Costs are per component and measured the same way every block: one draft *step* (a
 forward of the draft over the few tokens it has not seen, never the prompt: that is the
@@ -96,6 +98,7 @@ class AdaptiveK:
         self.catch_up = WindowedMedian(window)  # draft seconds per token of a catch-up pass
         self.steps = 0
         self.since_speculation = 0
+        self._deeper_probe_at = 0  # the step of the last block drafted one deeper than the best K
 
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float,
                 draft_steps: int | None = None, cycle_s: float | None = None) -> None:
@@ -226,14 +229,26 @@ class AdaptiveK:
             if getattr(previous, name).value is not None:
                 setattr(self, name, getattr(previous, name).copy())
 
-    def choose(self) -> int:
+    def best_k(self) -> int:
+        """The K with the best expected rate now (no probes; the configured K until measured)."""
         if not self.adaptive or self.steps < self.warmup_steps:
             return self.initial_k
         rates = {k: self.expected_rate(k) for k in range(self.max_depth + 1)}
         rates = {k: r for k, r in rates.items() if r is not None}
         if not rates:
             return self.initial_k
-        best = max(rates, key=lambda k: (rates[k], -k))
+        return max(rates, key=lambda k: (rates[k], -k))
+
+    def choose(self) -> int:
+        """The next block's K: the best, or now and then a probe that keeps estimates honest."""
+        best = self.best_k()
+        if not self.adaptive or self.steps < self.warmup_steps:
+            return best
         if best == 0 and self.since_speculation >= self.probe_every:
             return 1  # cheap probe: is the draft any good again?
+        if 0 < best < self.max_depth and self.steps - self._deeper_probe_at >= self.probe_every:
+            # One draft step more, once per probe_every blocks (~2 % of draft time): an early
+            # miss at position best+1 otherwise holds K at best for the rest of the request.
+            self._deeper_probe_at = self.steps
+            return best + 1
         return best

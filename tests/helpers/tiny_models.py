@@ -72,14 +72,3 @@ def make_slow_twin(source: Path, path: Path, extra_layers: int) -> Path:
     return path
 
 
-def make_early_exit(source: Path, path: Path, layers: int) -> Path:
-    """`source` cut to its first `layers` layers (the same files, linked, and a config that
-    says fewer layers): a real, weaker draft with the same weights and tokenizer."""
-    path.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name != "config.json":
-            (path / item.name).symlink_to(item)
-    config = json.loads((source / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    (path / "config.json").write_text(json.dumps(config))
-    return path

@@ -32,11 +32,14 @@ from exo.speculative.drafters.suffix import SuffixDrafter
 
 
 
+RESUMED = -1  # the bucket of copies resumed past a replaced token (see SuffixDrafter)
+
+
 def prior_copy_acceptance(bucket: int) -> float:
     """Before any evidence: a copy after a match of L tokens is kept with L / (L + 2) per
-    token (0.5 at L = 2, 0.8 at 8, 0.94 at 32): a long repeat tends to go on. It weighs two
-    observations, so the first few scored candidates decide."""
-    return bucket / (bucket + 2)
+    token (0.5 at L = 2, 0.8 at 8, 0.94 at 32): a long repeat tends to go on; a resumed copy
+    with 0.5. It weighs two observations, so the first few scored candidates decide."""
+    return 0.5 if bucket == RESUMED else bucket / (bucket + 2)
 
 PENDING_CANDIDATES = 8  # unscored candidates kept at most (a pipelined run has a few in flight)
 # Tokens over which a catch-up pass (the draft's deferred prompt pass, or what it missed
@@ -88,7 +91,8 @@ class HybridDrafter:
                       interrupted: Callable[[], bool] = lambda: False, trusted: int = 0) -> DraftBlock:
         self._score(committed)
         copy = self.suffix.draft(request_id, committed, min(k, self.suffix.max_depth))
-        bucket = match_bucket(self.suffix.last_match(request_id))
+        bucket = (RESUMED if self.suffix.last_resumed(request_id)
+                  else match_bucket(self.suffix.last_match(request_id)))
         if copy.tokens:
             self._pending = [c for c in self._pending if c.base != len(committed)][-PENDING_CANDIDATES + 1:]
             self._pending.append(_Candidate(len(committed), list(copy.tokens), bucket))

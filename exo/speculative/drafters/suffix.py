@@ -32,6 +32,7 @@ DEFAULT_MIN_MATCH = 2  # shortest match worth proposing from
 DEFAULT_SPEC_FACTOR = 1.0  # tokens proposed per matched token
 DEFAULT_MAX_DEPTH = 32  # the drafter's own cap on a block, before the caller's k
 CHECK_WINDOW = 8  # indexed tokens compared against `committed` on every propose
+RESYNC_MIN_MATCH = 4  # a copy from a match this long resumes past a one-token substitution
 
 
 def default_length_rule(match_length: int) -> int:
@@ -41,7 +42,8 @@ def default_length_rule(match_length: int) -> int:
 
 
 class _Request:
-    __slots__ = ("automaton", "tokens", "known", "tail_end", "tail_last", "tail_cursor", "last_match")
+    __slots__ = ("automaton", "tokens", "known", "tail_end", "tail_last", "tail_cursor", "last_match",
+                 "last_copy", "last_resumed")
 
     def __init__(self, prompt: list[int]):
         self.automaton = SuffixAutomaton(prompt)
@@ -52,6 +54,10 @@ class _Request:
         self.tail_last = -1  # committed[tail_end - 1] then, to spot a changed tail
         self.tail_cursor: Cursor | None = None
         self.last_match = 0
+        # The last proposal: (committed length it followed, where its source began in the
+        # sequence, the match length behind it), or None when there was none.
+        self.last_copy: tuple[int, int, int] | None = None
+        self.last_resumed = False  # whether that proposal resumed a copy past a substitution
 
 
 class SuffixDrafter:
@@ -59,12 +65,13 @@ class SuffixDrafter:
 
     def __init__(self, min_match: int = DEFAULT_MIN_MATCH,
                  length_rule: Callable[[int], int] = default_length_rule,
-                 max_depth: int = DEFAULT_MAX_DEPTH):
+                 max_depth: int = DEFAULT_MAX_DEPTH, resync: bool = True):
         if min_match < 1:
             raise ValueError(f"min_match must be at least 1, got {min_match}")
         if max_depth < 0:
             raise ValueError(f"max_depth must be non-negative, got {max_depth}")
         self.min_match, self.length_rule, self.max_depth = min_match, length_rule, max_depth
+        self.resync = resync
         self._requests: dict[str, _Request] = {}
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
@@ -108,12 +115,16 @@ class SuffixDrafter:
             cursor = automaton.follow(committed[indexed:n])
         state.tail_end, state.tail_last, state.tail_cursor = n, (committed[n - 1] if n else -1), cursor
 
-        match = cursor.length
+        match, start = cursor.length, cursor.end + 1  # start <= n - 1: the occurrence ends before
+        resumed = self._resumed(state, committed) if self.resync else None
+        state.last_resumed = resumed is not None and resumed[1] > match
+        if state.last_resumed:
+            start, match = resumed
         state.last_match = match
         depth = min(k, self.max_depth, self.length_rule(match)) if match >= self.min_match else 0
+        state.last_copy = (n, start, match) if depth > 0 else None
         if depth <= 0:
             return DraftBlock([], None, n, steps=0, drafter="suffix")
-        start = cursor.end + 1  # <= n - 1: the occurrence ends before the sequence does
         if start + depth <= n:
             block = committed[start:start + depth]
         else:
@@ -122,6 +133,26 @@ class SuffixDrafter:
             period = committed[start:n]
             block = (period * (depth // len(period) + 1))[:depth]
         return DraftBlock(block, None, n, steps=0, drafter="suffix")
+
+    @staticmethod
+    def _resumed(state: _Request, committed: list[int]) -> tuple[int, int] | None:
+        """Where the last copy's source goes on if the target replaced exactly one of its
+        tokens (the last committed one): a rewrite that re-indents, renames or requotes
+        departs from its source one token at a time and then follows it again, while the
+        automaton's match, which must include the replaced token, starts over from nothing.
+        Returns (source start, match length to draft by): the copy's match plus the tokens
+        it got right, or half its match when it missed at once (a chain of misses ends)."""
+        if state.last_copy is None:
+            return None
+        base, start, length = state.last_copy
+        gap = len(committed) - base
+        if length < RESYNC_MIN_MATCH or gap < 1 or start + gap >= len(committed):
+            return None
+        if committed[base:base + gap - 1] != committed[start:start + gap - 1]:
+            return None  # it missed earlier: that was a different text after all
+        if committed[base + gap - 1] == committed[start + gap - 1]:
+            return None  # it went on matching: the automaton's match covers it
+        return start + gap, (length + gap - 1 if gap > 1 else length // 2)
 
     def limit(self, chosen_k: int) -> int:
         return self.max_depth  # drafting is free: the match decides, not adaptive K
@@ -148,6 +179,10 @@ class SuffixDrafter:
         """The match length behind the request's last proposal (also when it was below
         `min_match` and nothing was proposed); 0 before any."""
         return self._state(request_id).last_match
+
+    def last_resumed(self, request_id: str) -> bool:
+        """Whether the request's last proposal resumed a copy past a replaced token."""
+        return self._state(request_id).last_resumed
 
     def indexed(self, request_id: str) -> int:
         """How many tokens of the request are indexed (all committed)."""
