@@ -53,8 +53,10 @@ async def test_a_real_model_repeating_its_context_accepts_long_copies(make_specu
     params = GenerationParams(max_tokens=24, temperature=0.0)
     assert await collect(engine.generate(shard, prompt, params, eos_ids=frozenset())) == \
         await plain_tokens(smollm2_dir, prompt, params)
-    per = engine.get_metrics()["per_drafter"]["suffix"]
-    assert per["accepted_tokens"] >= 5 and per["tokens_per_verify"] > 2
+    metrics = engine.get_metrics()
+    per = metrics["per_drafter"]["suffix"]
+    assert per["accepted_tokens"] >= 5 and per["tokens_per_verify"] >= 2
+    assert max(int(k) for k in metrics["last_request"]["k_histogram"]) >= 4  # long copies were drafted
 
 
 async def test_the_suffix_drafter_needs_no_draft_model(make_speculative, tiny_llama, tmp_path):
@@ -227,11 +229,12 @@ def test_a_copy_is_scored_against_what_was_committed_whoever_drafted():
 async def test_a_hybrid_switching_drafter_every_block_stays_exact(make_speculative, tiny_llama, monkeypatch,
                                                                    pipelined):
     """Model, copy, none, model, ...: the model's cache catches up after copies and stays
-    exact through rollbacks (same-model draft, so its blocks are all accepted)."""
-    turns = iter(range(10 ** 6))
+    exact through rollbacks (same-model draft, so its blocks are all accepted). The choice
+    goes by the block's position, not by call order: the pipelined scheduler drafts blocks it
+    then drops, and which ones depends on timing."""
     choices = ("model", "suffix", "none")
-    monkeypatch.setattr(HybridDrafter, "_choose",
-                        lambda self, copy, bucket, model_k, *rest: choices[next(turns) % 3] if copy.tokens else "model")
+    monkeypatch.setattr(HybridDrafter, "_choose", lambda self, copy, bucket, model_k, *rest:
+                        choices[copy.base_length % 3] if copy.tokens else "model")
     engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="hybrid", pipelined=pipelined,
                                  suffix_min_match=1)  # copies after any seen token: most blocks have one
     params = GenerationParams(max_tokens=48, temperature=0.0)

@@ -50,7 +50,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     adaptive_speculation: bool = True
     pipelined: bool = False
     drafter: str = AUTO
-    suffix_min_match: int = 2  # shortest repeat (tokens) the suffix drafter copies from
+    suffix_min_match: int = 1  # shortest repeat (tokens) the suffix drafter copies from (why 1: drafters/suffix.py)
     suffix_max_depth: int = 32  # the suffix drafter's own cap on a block
     # Rows of the draft model's output head: its most frequent tokens (the lowest BPE ids)
     # plus the special ones; 0 = the whole vocabulary. Exact either way (see inference/head_rows.py).
