@@ -77,12 +77,13 @@ def make_speculative():
 
     built = []
 
-    def make(draft_model, target=None, draft=None, events=None, **config) -> SpeculativeInferenceEngine:
+    def make(draft_model, target=None, draft=None, events=None, overlap_prefill=False,
+             **config) -> SpeculativeInferenceEngine:
         config.setdefault("enabled", True)
         config.setdefault("drafter", "model")
         engine = SpeculativeInferenceEngine(target or MLXInferenceEngine(), draft or MLXInferenceEngine(),
                                             SpeculativeConfig(draft_model=str(draft_model), **config),
-                                            events=events)
+                                            events=events, overlap_prefill=overlap_prefill)
         built.append(engine)
         return engine
 

@@ -25,6 +25,20 @@ PROMPTS = [[10, 20, 30], [104, 101, 108, 108, 111], list(range(40, 72)), [7]]
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
+async def test_an_overlapped_prompt_pass_is_exact_and_priced(tiny_llama, tiny_llama_other, pipelined, speculative):
+    """Draft and target prompt passes at once (`--placement processes`): same output, and the
+    target's pass is still recorded, so the hybrid can price a draft's catch-up from it."""
+    params = GenerationParams(max_tokens=16, temperature=0.0)
+    engine, shard = await speculative(tiny_llama, tiny_llama_other, pipelined=pipelined, overlap_prefill=True)
+    prompt = PROMPTS[2]
+    assert await collect(engine.generate(shard, prompt, params, eos_ids=frozenset())) == \
+        await plain_tokens(tiny_llama, prompt, params)
+    controller = engine.last_request.controller
+    assert controller.prompt_pass.value is not None and controller.catch_up_cost(10) > 0
+    assert engine.get_metrics()["last_request"]["draft_prefill_time"] > 0
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("draft", ["tiny_llama", "tiny_llama_other"])
 @pytest.mark.parametrize("config", [dict(draft_tokens=4, adaptive_speculation=False, acceptance_threshold=0),
                                     dict(draft_tokens=3), dict(draft_tokens=6, max_speculation_depth=6,

@@ -66,9 +66,12 @@ class SpeculativeRequest:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.prefill_draft, proposer)
                 verdict = await verifier.prefill(self.prompt, rng)
+                # The target's own pass, not the group's: the draft's runs on another device.
+                target_s = time.perf_counter() - start
         else:
             verdict = await verifier.prefill(self.prompt, rng)
-            self.controller.observe_prompt_pass(len(self.prompt), time.perf_counter() - start)
+            target_s = time.perf_counter() - start
+        self.controller.observe_prompt_pass(len(self.prompt), target_s)
         first = self.finish(verdict.emitted, verdict.logprobs)
         self.metrics.prefill_time = time.perf_counter() - start
         self.metrics.prefill_emitted = len(first)
