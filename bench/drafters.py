@@ -3,7 +3,7 @@ and mlx-lm's own speculative decoding at its best K, in one run.
 
     .venv/bin/python bench/drafters.py [--per-category 4] [--max-tokens 64] [--temps 0]
         [--seeds 0] [--mlx-lm-ks 2 4] [--categories "code editing" ...] [--name drafters]
-        [--reuse exo mlx-lm] [--resume] [--engine mlx|tinygrad]
+        [--reuse exo mlx-lm] [--resume] [--engine mlx|tinygrad] [--no-mlx-lm]
 
 Each side runs in its own process (the pair needs ~10 GB per copy): this project's engine
 first, every mode interleaved per prompt (so drift hits all of them), then mlx-lm's
@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--mlx-lm-ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--engine", choices=["mlx", "tinygrad"], default="mlx",
                         help="this project's backend (tinygrad: no mlx-lm side)")
+    parser.add_argument("--no-mlx-lm", action="store_true", help="this project's side only")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--name", default="drafters", help="stem of the results files")
     parser.add_argument("--reuse", nargs="*", default=[], choices=["exo", "mlx-lm"],
@@ -370,7 +371,7 @@ def main() -> None:
         our_side(args) if args.side == "exo" else mlx_lm_side(args)
         return
     chosen = selected_prompts(args)
-    sides = ("exo", "mlx-lm") if args.engine == "mlx" else ("exo",)
+    sides = ("exo", "mlx-lm") if args.engine == "mlx" and not args.no_mlx_lm else ("exo",)
     rows = [r for r in run_sides(args.name, __file__, sides, args.reuse, args.resume)
             if r["category"] in chosen and r["prompt"] < len(chosen[r["category"]])]
     table = summarise(rows)
@@ -381,7 +382,7 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir_for(args.target))
     encoded = {c: [tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": m}])) for m in ms]
                for c, ms in chosen.items()}
-    grid = replay(rows, encoded, costs)
+    grid = replay(rows, encoded, costs) if any(r["temperature"] == 0 for r in rows) else []  # greedy outputs only
     save(args.name, {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "side"},
                       "summary": table, "verify_costs": costs, "suffix_replay": grid, "runs": rows})
     plot(table, args.name)
