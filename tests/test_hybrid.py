@@ -243,3 +243,32 @@ async def test_a_hybrid_switching_drafter_every_block_stays_exact(make_speculati
             await plain_tokens(tiny_llama, prompt, params)
     per = engine.get_metrics()["per_drafter"]
     assert per["model"]["acceptance_rate"] == 1.0 and per["suffix"]["blocks"] > 0
+
+
+async def test_a_resumed_copy_is_scored_under_its_own_estimate():
+    """A copy resumed past a replaced token is not judged by (nor does it move) the estimate
+    of matches of its length: its odds are those of the rewrite going on, not of a repeat."""
+    import random
+
+    from exo.speculative.adaptive import AdaptiveK
+    from exo.speculative.drafters.hybrid import RESUMED
+    from exo.speculative.drafters.suffix import SuffixDrafter
+
+    rng = random.Random(7)
+    source = [rng.randrange(1000) for _ in range(60)]
+    prompt = [rng.randrange(1000) for _ in range(20)] + source
+    hybrid = HybridDrafter(None, SuffixDrafter(), AdaptiveK(32, 4))
+    await hybrid.prefill("r", prompt)
+    params, draws = GenerationParams(max_tokens=64), np.random.default_rng(0)
+    committed = prompt + source[:8]
+    hybrid.accept("r", len(committed))
+    assert (await hybrid.propose("r", committed, 32, params, 0.0, draws)).tokens == source[8:16]
+    committed += source[8:11] + [5000]  # three kept, the fourth replaced
+    hybrid.accept("r", len(committed))
+    block = await hybrid.propose("r", committed, 32, params, 0.0, draws)
+    assert block.tokens == source[12:23] and hybrid._pending[-1].bucket == RESUMED
+    assert hybrid._rate(8).observed and not hybrid._rate(RESUMED).observed  # the first copy was scored
+    committed += source[12:23] + [source[23]]
+    hybrid.accept("r", len(committed))
+    await hybrid.propose("r", committed, 32, params, 0.0, draws)
+    assert hybrid._rate(RESUMED).observed and hybrid._rate(RESUMED).value > 0.5  # all 11 kept

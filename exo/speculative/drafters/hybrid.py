@@ -30,8 +30,6 @@ from exo.speculative.drafters import DraftBlock
 from exo.speculative.drafters.model import ModelDrafter
 from exo.speculative.drafters.suffix import SuffixDrafter
 
-
-
 RESUMED = -1  # the bucket of copies resumed past a replaced token (see SuffixDrafter)
 
 
