@@ -214,20 +214,12 @@ def replay(rows: list[dict], prompts: dict[str, list[list[int]]], costs: dict[in
     from exo.speculative.drafters.hybrid import HybridDrafter
     from exo.speculative.drafters.suffix import SuffixDrafter
 
-    lengths = sorted(costs)
-
-    def cost(n: int) -> float:
-        below = max(x for x in lengths if x <= n)
-        above = min((x for x in lengths if x >= n), default=below)
-        if above == below:
-            return costs[below] * (n / below if n > below else 1.0)
-        return costs[below] + (costs[above] - costs[below]) * (n - below) / (above - below)
-
     async def speedup(prompt: list[int], truth: list[int], suffix: SuffixDrafter) -> float:
         controller = AdaptiveK(suffix.max_depth, 4)
-        for n in lengths:  # measured costs, as a request inheriting them starts with
+        for n, seconds in costs.items():  # measured costs, as a request inheriting them starts with
             for _ in range(2):  # (the first sample per length is a warm-up, not kept)
-                controller.observe_verify(n, costs[n])
+                controller.observe_verify(n, seconds)
+        cost = controller.verify_cost  # interpolated between measured lengths, as the policy prices them
         drafter = HybridDrafter(None, suffix, controller)
         await drafter.prefill("replay", prompt)
         committed, spent = list(prompt) + truth[:1], 0.0
