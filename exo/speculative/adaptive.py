@@ -229,9 +229,14 @@ class AdaptiveK:
             if getattr(previous, name).value is not None:
                 setattr(self, name, getattr(previous, name).copy())
 
+    @property
+    def _choosing(self) -> bool:
+        """Whether K is chosen from measurements yet (else the configured K holds)."""
+        return self.adaptive and self.steps >= self.warmup_steps
+
     def best_k(self) -> int:
         """The K with the best expected rate now (no probes; the configured K until measured)."""
-        if not self.adaptive or self.steps < self.warmup_steps:
+        if not self._choosing:
             return self.initial_k
         rates = {k: self.expected_rate(k) for k in range(self.max_depth + 1)}
         rates = {k: r for k, r in rates.items() if r is not None}
@@ -242,7 +247,7 @@ class AdaptiveK:
     def choose(self) -> int:
         """The next block's K: the best, or now and then a probe that keeps estimates honest."""
         best = self.best_k()
-        if not self.adaptive or self.steps < self.warmup_steps:
+        if not self._choosing:
             return best
         if best == 0 and self.since_speculation >= self.probe_every:
             return 1  # cheap probe: is the draft any good again?
