@@ -70,6 +70,10 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                             "threshold is off; only the last block is shorter, capped at the tokens left)")
     group.add_argument("--pipelined", action="store_true",
                        help="draft block n+1 while block n is verified (overlaps with --placement processes)")
+    group.add_argument("--ring-window", type=int, default=defaults.ring_window, metavar="W",
+                       help="with --pipelined on a ring: blocks in flight at once, each betting that the "
+                            "ones before it are accepted entirely; 0 = auto (default: up to one per stage, "
+                            "fewer while whole blocks are seldom accepted), 1 = one block at a time")
     group.add_argument("--placement", choices=PLACEMENTS, default="threads",
                        help="threads: both models in this process (default); processes: target and draft in "
                             "separate processes pinned to separate CPUs")
@@ -80,7 +84,7 @@ def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
         enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
         acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
         adaptive_speculation=not args.fixed_k, pipelined=args.pipelined, drafter=args.drafter,
-        suffix_max_depth=args.suffix_max_depth, draft_vocab=args.draft_vocab,
+        suffix_max_depth=args.suffix_max_depth, draft_vocab=args.draft_vocab, ring_window=args.ring_window,
     )
 
 

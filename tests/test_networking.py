@@ -91,51 +91,63 @@ async def test_corrupt_and_misrouted_messages_are_rejected_and_counted():
         assert cluster.inbox.rejected == 2
 
 
-async def test_rollbacks_apply_in_block_order_and_stale_ones_fail_the_request(tiny_llama):
-    """Block 2's rollback may overtake block 1's on the network: it is held, untrimmed, until
-    block 1's arrives, then both apply in order. A rollback for a block already applied
+async def test_rollbacks_apply_in_epoch_order_and_stale_ones_fail_the_request(tiny_llama):
+    """Epoch 2's rollback may overtake epoch 1's on the network: it is held, untrimmed, until
+    epoch 1's arrives, then both apply in order. A rollback for an epoch already ended
     (duplicate or stale) fails the request instead of trimming."""
     async with serving_node() as (cluster, handle):
         member = cluster.member
         shard = Shard(str(tiny_llama), 0, 3, 4)
         await member.engine.infer_tensor("req", shard, np.asarray([[1, 2, 3, 4, 5, 6, 7]]))
-        member.states["req"] = StageState(shard, "solo", applied=0)
+        member.states["req"] = StageState(shard, "solo")
         codec = EventCodec()
-        early = KVRollback(request_id="req", keep_tokens=3, block=2)  # block 1's is still on its way
+        early = KVRollback(request_id="req", keep_tokens=3, block=4, epoch=2)  # epoch 1's is still on its way
         await handle.call("Event", codec.encode(early), 5)
         state = member.states["req"]
-        assert state.applied == 0 and not state.failed and member.rejected == 0
-        assert member.engine.cache_offset("req") == 7  # nothing trimmed before block 1's rollback
-        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=5, block=1)), 5)
-        assert state.applied == 2 and not state.failed and state.early == {}
-        assert member.engine.cache_offset("req") == 3  # 7 -> 5 (block 1) -> 3 (block 2)
-        assert member.reports.offsets("req") == {"solo": {1: 5, 2: 3}}
-        stale = KVRollback(request_id="req", keep_tokens=2, block=2)
+        assert state.epoch == 0 and not state.failed and member.rejected == 0 and member.early_rollbacks == 1
+        assert member.engine.cache_offset("req") == 7  # nothing trimmed before epoch 1's rollback
+        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=5, block=2, epoch=1)), 5)
+        assert state.epoch == 2 and not state.failed and state.early == {}
+        assert member.engine.cache_offset("req") == 3  # 7 -> 5 (epoch 1) -> 3 (epoch 2)
+        assert member.reports.offsets("req") == {"solo": {2: 5, 4: 3}}
+        stale = KVRollback(request_id="req", keep_tokens=2, block=5, epoch=2)
         await handle.call("Event", codec.encode(stale), 5)
         assert member.rejected == 1 and "out of order" in state.failed
         assert member.engine.cache_offset("req") == 3  # nothing was trimmed on a bad announcement
-        unknown = KVRollback(request_id="nobody", keep_tokens=2, block=1)
+        unknown = KVRollback(request_id="nobody", keep_tokens=2, block=1, epoch=1)
         await handle.call("Event", codec.encode(unknown), 5)
         assert member.rejected == 2
 
 
-async def test_a_rollback_gap_that_never_fills_fails_the_request(tiny_llama):
+async def test_a_rollback_that_never_comes_fails_the_block_waiting_for_it(tiny_llama):
     async with serving_node() as (cluster, handle):
         member = cluster.member
         member.timeouts = RingTimeouts(rollback_wait_s=0.3)
         shard = Shard(str(tiny_llama), 0, 3, 4)
         await member.engine.infer_tensor("req", shard, np.asarray([[1, 2, 3, 4, 5]]))
-        member.states["req"] = StageState(shard, "solo", applied=0)
+        member.states["req"] = StageState(shard, "solo")
         codec = EventCodec()
-        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=2)), 5)
-        header = protocol.BlockHeader("req", "solo", str(tiny_llama), 4, [Stage("solo", 0, 3)], 3, 3, [1], 3,
-                                      GenerationParams())
-        with anyio.fail_after(5), pytest.raises(RingError, match="no KVRollback for block 2"):
-            await member._state_for(protocol.Forward(header, 0), last=True)
+        await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=5, epoch=2)), 5)
+
+        def block(seq: int, start: int, epoch: int) -> protocol.Forward:
+            return protocol.Forward(protocol.BlockHeader(
+                "req", "solo", str(tiny_llama), 4, [Stage("solo", 0, 3)], seq, start, [1], start,
+                GenerationParams(), epoch=epoch), 0)
+
+        with anyio.fail_after(5), pytest.raises(RingError, match="no KVRollback for epoch 1"):
+            await member._turn(block(3, 3, epoch=1))
+        # A block of the current epoch whose base is not what the cache holds: the blocks before
+        # it never came (a shorter cache), or it is a duplicate (a longer one).
+        with anyio.fail_after(5), pytest.raises(RingError, match="did not come within"):
+            await member._turn(block(3, 6, epoch=0))
+        with pytest.raises(RingError, match="holds 5 tokens, block 3 expects 4"):
+            await member._turn(block(3, 4, epoch=0))
+        assert await member._turn(block(3, 5, epoch=0)) is member.states["req"]
         assert member.engine.cache_offset("req") == 5
         # More early rollbacks than a stage holds: the request fails instead of buffering without end.
-        for block in range(3, 3 + MAX_EARLY_ROLLBACKS):
-            await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=block)), 5)
+        for epoch in range(3, 3 + MAX_EARLY_ROLLBACKS):
+            await handle.call("Event", codec.encode(KVRollback(request_id="req", keep_tokens=3, block=epoch,
+                                                               epoch=epoch)), 5)
         assert member.rejected == 1 and "still missing" in member.states["req"].failed
 
 

@@ -49,31 +49,36 @@ def assert_same(ring: dict, single: dict) -> None:
     assert ring["usage"]["completion_tokens"] == single["usage"]["completion_tokens"]
 
 
-def stage_offsets(url: str, request_id: str) -> dict[str, dict[str, int]]:
-    return httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["cluster"]["requests"][request_id]
+def cluster_metrics(url: str) -> dict:
+    return httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["cluster"]
 
 
-def assert_stages_in_step(url: str, request_id: str, nodes: list[str], timeout_s: float = 10) -> None:
-    """Every stage reported the same cache length after every block's rollback.
+def assert_stages_in_step(url: str, request_id: str, nodes: list[str], timeout_s: float = 10) -> dict:
+    """Every stage trimmed to the same cache length at every epoch's end; returns each stage's
+    final totals for the request.
 
-    The final block's rollback may reach a stage after the request was released (nothing is
-    left to trim then), so only that block may be missing. Reports from remote stages travel
-    in the background: wait for them.
+    Only verdicts that end an epoch send rollbacks (a whole accepted block leaves every cache
+    right). The final verdict's rollback may reach a stage after the request was released
+    (nothing is left to trim then), so only the last reported block may be missing. Reports
+    from remote stages travel in the background: wait for every stage's final one.
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        offsets = stage_offsets(url, request_id)
-        blocks = {node: {int(b): o for b, o in per_node.items()} for node, per_node in offsets.items()}
-        last = max((max(b) for b in blocks.values()), default=0)
-        every = set(range(last))
-        if sorted(blocks) == sorted(nodes) and all(every <= set(b) for b in blocks.values()):
+        metrics = cluster_metrics(url)
+        totals = metrics["stages"].get(request_id, {})
+        if sorted(totals) == sorted(nodes) and all(t["final"] for t in totals.values()):
             break
-        assert time.monotonic() < deadline, f"stage reports incomplete: {offsets}"
+        assert time.monotonic() < deadline, f"final stage reports incomplete: {totals}"
         time.sleep(0.1)
-    assert last > 0
-    for block in range(last + 1):
+    offsets = metrics["requests"].get(request_id, {})
+    blocks = {node: {int(b): o for b, o in offsets.get(node, {}).items()} for node in nodes}
+    every = set().union(*blocks.values())
+    for block in sorted(every):
         seen = {node: b[block] for node, b in blocks.items() if block in b}
         assert len(set(seen.values())) == 1, f"block {block}: stages hold {seen}"
+        if block != max(every):
+            assert len(seen) == len(nodes), f"block {block}'s rollback missing on some stage: {seen}"
+    return totals
 
 
 def test_three_node_ring_is_exact_and_keeps_every_stage_in_step(tmp_path, tiny_llama, tiny_llama_other):

@@ -38,6 +38,7 @@ class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
     suffix_min_match: int | None = None
     suffix_max_depth: int | None = None
     draft_vocab: int | None = None
+    ring_window: int | None = None  # 0 = auto
 
     def fields(self) -> dict:
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}

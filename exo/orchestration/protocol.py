@@ -19,7 +19,7 @@ from exo.speculative.config import SpeculativeConfig
 from exo.speculative.metrics import MetricsSnapshot
 from exo.topology.partitioning import Stage
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: blocks carry an epoch; rollbacks only end epochs
 
 
 class SparseRows(msgspec.Struct, frozen=True):
@@ -67,6 +67,9 @@ class BlockHeader(msgspec.Struct, frozen=True):
     draft_tokens: list[int] = []
     draft_probs: SparseRows | None = None  # None: a deterministic draft (or temperature 0), judged by p alone
     defer_bonus: bool = False
+    # The run of speculation this block belongs to: every rejection starts a new one, and a
+    # stage drops blocks of an ended epoch (several blocks of a request may be in flight).
+    epoch: int = 0
     version: int = WIRE_VERSION
 
 

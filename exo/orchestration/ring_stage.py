@@ -2,17 +2,23 @@
 
 A pass (`Forward`) enters the ring at stage 0 and moves stage by stage; the last stage
 turns the logits into a verdict (rejection sampling with the request's own RNG, which lives
-there), trims its cache, announces the kept length as a `KVRollback` event to every other
-stage and sends the `Result` to the request's origin. A stage processes block n only after
-it has applied block n-1's rollback and its cache holds exactly what the header says;
-anything else fails the request loudly instead of attending to the wrong context.
+there) and sends the `Result` to the request's origin.
 
-Rollbacks are applied in block order whatever order they arrive in: the network may deliver
-block n+1's before block n's (a pass that samples only the last stage's held row skips the
-other stages, so two rollbacks leave the last stage back to back). A stage holds an early one
-until the gap fills (at most `MAX_EARLY_ROLLBACKS`); a gap that never fills fails the next
-pass after `rollback_wait_s`. The last stage also sends each peer a request's rollbacks one
-after the other.
+Several blocks of one request may be in flight (the origin's window): each was drafted on
+the assumption that the blocks before it are accepted entirely, so every stage runs them in
+order as they come and extends its cache speculatively. A verdict that commits a token the
+draft did not propose (a rejection, or a bonus) ends the block's *epoch*: the last stage
+trims its cache, and broadcasts a `KVRollback` that starts the next epoch to every other
+stage at once. A stage drops the blocks of an ended epoch it has not started, discards one
+whose epoch ended while it ran (its output goes nowhere), and trims to the committed length.
+Verdicts that accept a whole block need no message at all: every cache already holds it.
+
+A stage runs a block only when the block's epoch is the stage's and its cache holds exactly
+the header's base length; a longer cache, or a wait longer than `rollback_wait_s` for the
+blocks or rollback before it, fails the request loudly instead of attending to the wrong
+context. Rollbacks apply in epoch order whatever order they arrive in (at most
+`MAX_EARLY_ROLLBACKS` held), never while a pass of the request runs on the engine's thread,
+and the last stage sends each peer a request's rollbacks one after the other.
 """
 
 from __future__ import annotations
@@ -62,19 +68,29 @@ class StageState:
     origin: str
     judge: BlockJudge | None = None  # last stage only
     rng: np.random.Generator | None = None  # last stage only: the request's sampling RNG
-    applied: int = -1  # last block whose rollback this stage has applied
-    early: dict[int, KVRollback] = field(default_factory=dict)  # block -> rollback that overtook an earlier one
+    epoch: int = 0  # epochs ended so far (rollbacks applied; on the last stage, verdicts that diverged)
+    running: bool = False  # a pass of this request is on the engine's thread (no trim meanwhile)
+    early: dict[int, KVRollback] = field(default_factory=dict)  # epoch -> rollback not applied yet
     senders: dict[str, anyio.Lock] = field(default_factory=dict)  # peer -> lock that keeps its rollbacks in order
     failed: str = ""
     forwards: int = 0
     forward_seconds: float = 0.0
     tokens: int = 0
+    dropped: int = 0  # blocks of an ended epoch never computed here
+    discarded: int = 0  # blocks whose epoch ended while this stage computed them
+    discarded_seconds: float = 0.0
+    messages: int = 0  # sent for this request, and their bytes
+    bytes_sent: int = 0
     touched: float = field(default_factory=time.monotonic)
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = anyio.Event()
+
+    def sent(self, payload: bytes) -> bytes:
+        self.messages, self.bytes_sent = self.messages + 1, self.bytes_sent + len(payload)
+        return payload
 
 
 class StageReports:
@@ -96,8 +112,18 @@ class StageReports:
         """node id -> {block: cache offset after that block's rollback}."""
         out: dict[str, dict[int, int]] = {}
         for report in self.requests.get(request_id, []):
-            out.setdefault(report.node_id, {})[report.block] = report.cache_offset
+            if report.block >= 0:
+                out.setdefault(report.node_id, {})[report.block] = report.cache_offset
         return out
+
+    def totals(self, request_id: str) -> dict[str, dict]:
+        """node id -> its latest counters for the request (final once it reported its release)."""
+        latest = {r.node_id: r for r in self.requests.get(request_id, [])}
+        return {node: {"final": r.block < 0, "forwards": r.forwards, "forward_seconds": r.forward_seconds,
+                       "tokens": r.tokens, "epochs": r.epoch, "dropped": r.dropped, "discarded": r.discarded,
+                       "discarded_seconds": r.discarded_seconds, "messages": r.messages,
+                       "bytes_sent": r.bytes_sent}
+                for node, r in sorted(latest.items())}
 
     def snapshot(self) -> dict:
         return {"nodes": {node: {"shard": r.shard, "last_request": r.request_id, "forwards": r.forwards,
@@ -105,7 +131,8 @@ class StageReports:
                           for node, r in sorted(self.latest.items())},
                 "requests": {rid: {node: {str(b): o for b, o in blocks.items()}
                                    for node, blocks in self.offsets(rid).items()}
-                             for rid in self.requests}}
+                             for rid in self.requests},
+                "stages": {rid: self.totals(rid) for rid in self.requests}}
 
 
 class RingStage:
@@ -119,7 +146,8 @@ class RingStage:
         self.reports = StageReports()
         self.codec = EventCodec()
         self.rejected = 0  # protocol violations: out-of-order or unexpected messages
-        self.early_rollbacks = 0  # rollbacks that arrived before an earlier block's (held, then applied)
+        self.early_rollbacks = 0  # rollbacks that arrived before an earlier epoch's (held, then applied)
+        self.dropped = self.discarded = 0  # blocks of ended epochs, over all requests (see StageState)
         self.group: TaskGroup | None = None  # the node's long-lived task group, set while serving
         self._forward = protocol.decoder(protocol.Forward)
         self._release = protocol.decoder(protocol.Release)
@@ -135,6 +163,9 @@ class RingStage:
         """Queue the pass and answer at once: the predecessor must not wait for our compute."""
         forward = decode_message(self._forward, payload)
         header = forward.header
+        if header.version != protocol.WIRE_VERSION:
+            raise BadMessage(f"block of wire version {header.version} sent to node {self.id}, which speaks "
+                             f"{protocol.WIRE_VERSION}: run the same exo version on every node")
         if not 0 <= forward.hop < len(header.ring) or header.ring[forward.hop].node_id != self.id:
             raise BadMessage(f"pass for stage {forward.hop} of request {header.request_id} sent to node {self.id}")
         if self.group is None:
@@ -146,7 +177,7 @@ class RingStage:
         event = self.codec.decode(payload)
         if event is None:
             raise BadMessage("malformed event")
-        if isinstance(event, KVRollback) and event.block >= 0:
+        if isinstance(event, KVRollback) and event.epoch > 0:
             self._apply_rollback(event)
             return protocol.encode(protocol.Ack())
         if isinstance(event, StageReport):
@@ -155,15 +186,18 @@ class RingStage:
         return protocol.encode(protocol.Ack())
 
     async def on_release(self, payload: bytes) -> bytes:
-        self.release(decode_message(self._release, payload).request_id)
+        self.release(decode_message(self._release, payload).request_id, report=True)
         return protocol.encode(protocol.Ack())
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, report: bool = False) -> None:
+        """Free the request; with `report`, send its origin this stage's final totals."""
         state = self.states.pop(request_id, None)
         self.released.append(request_id)
         if state is not None:
             state.failed = state.failed or "request released"
             state.notify()
+            if report:
+                self._report(state, -1, request_id)
         self.engine.free_cache(request_id)
 
     # -- one pass through this stage --------------------------------------------------------
@@ -180,11 +214,9 @@ class RingStage:
         header, rid = forward.header, forward.header.request_id
         stage = header.ring[forward.hop]
         last = forward.hop == len(header.ring) - 1
-        state = await self._state_for(forward, last)
-        held = self.engine.cache_offset(rid)
-        if held != header.start:
-            raise RingError(f"node {self.id}: cache of request {rid} holds {held} tokens, "
-                            f"block {header.seq} expects {header.start}")
+        state = self._new_state(forward, last) if header.seq == 0 else await self._turn(forward)
+        if state is None:
+            return  # dropped unseen: its epoch ended, or the request did
         if forward.hidden is not None:
             x = forward.hidden.array()
         elif forward.hop == 0 and header.inputs:
@@ -197,52 +229,93 @@ class RingStage:
         if x is not None:
             started = time.perf_counter()
             rows = last_only(len(header.inputs) if header.seq else 1) if last else None
-            out, _ = await self.engine.infer_tensor(rid, state.shard, x, rows)
+            state.running = True
+            try:
+                out, _ = await self.engine.infer_tensor(rid, state.shard, x, rows)
+            finally:
+                state.running = False
+                self._apply_early(state)  # rollbacks that arrived while it ran
+                state.notify()
             seconds = time.perf_counter() - started
             state.forwards, state.forward_seconds, state.tokens = (
                 state.forwards + 1, state.forward_seconds + seconds, state.tokens + x.shape[1])
+            if header.epoch < state.epoch or self.states.get(rid) is not state:
+                state.discarded, state.discarded_seconds = state.discarded + 1, state.discarded_seconds + seconds
+                self.discarded += 1
+                return  # its epoch (or the request) ended while it ran: the output is moot
         compute = [*forward.compute, seconds]
         if not last:
             next_stage = header.ring[forward.hop + 1]
             message = protocol.Forward(header, forward.hop + 1, TensorBytes.of(out), compute)
-            await self.send(next_stage.node_id, "Forward", protocol.encode(message), self.timeouts.send_s)
+            await self.send(next_stage.node_id, "Forward", state.sent(protocol.encode(message)),
+                            self.timeouts.send_s)
             return
         result = self._judge(header, state, out, compute)
-        state.applied = header.seq
-        state.notify()
-        rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(), shard=_label(stage, header),
-                              keep_tokens=result.kept, block=header.seq)
-        payload = self.codec.encode(rollback)
-        for other in sorted({s.node_id for s in header.ring} - {self.id}):
-            self._spawn_in_order(state, other, "Event", payload)
-        self._report(state, header.seq, rid)
-        await self._deliver(header.origin, "Result", protocol.encode(result))
+        if header.seq and len(result.emitted) > result.accepted:  # a token the draft did not propose: the epoch ends
+            state.epoch += 1
+            state.notify()
+            rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(),
+                                  shard=_label(stage, header), keep_tokens=result.kept, block=header.seq,
+                                  epoch=state.epoch)
+            payload = self.codec.encode(rollback)
+            for other in sorted({s.node_id for s in header.ring} - {self.id}):
+                self._spawn_in_order(state, other, "Event", payload)
+            self._report(state, header.seq, rid)
+        await self._deliver(header.origin, "Result", state.sent(protocol.encode(result)))
 
-    async def _state_for(self, forward: protocol.Forward, last: bool) -> StageState:
+    def _new_state(self, forward: protocol.Forward, last: bool) -> StageState:
         header, rid = forward.header, forward.header.request_id
         stage = header.ring[forward.hop]
-        if header.seq == 0:
-            self._release_abandoned()
-            self.release(rid)  # a reused id starts from nothing
-            shard = Shard(header.model_id, stage.start_layer, stage.end_layer, header.n_layers)
-            state = StageState(shard, header.origin)
-            if last:
-                state.judge, state.rng = BlockJudge(header.params), judge_rng(header.params.seed)
-            self.states[rid] = state
-            return state
+        self._release_abandoned()
+        self.release(rid)  # a reused id starts from nothing
+        shard = Shard(header.model_id, stage.start_layer, stage.end_layer, header.n_layers)
+        state = StageState(shard, header.origin)
+        if last:
+            state.judge, state.rng = BlockJudge(header.params), judge_rng(header.params.seed)
+        self.states[rid] = state
+        held = self.engine.cache_offset(rid)
+        if held != header.start:
+            raise RingError(f"node {self.id}: cache of request {rid} holds {held} tokens, "
+                            f"its prompt expects {header.start}")
+        return state
+
+    async def _turn(self, forward: protocol.Forward) -> StageState | None:
+        """Wait until the block can run here: its epoch is this stage's, no other pass of the
+        request runs, and the cache holds exactly its base length (the blocks before it have
+        run). None: drop it unseen (its epoch, or the request, has ended)."""
+        header, rid = forward.header, forward.header.request_id
         state = self.states.get(rid)
         if state is None:
+            if rid in self.released:
+                return None  # the request ended while this block was on its way
             raise RingError(f"node {self.id} holds no state for request {rid} (released, or its prompt never came)")
-        with anyio.move_on_after(self.timeouts.rollback_wait_s):
-            while state.applied < header.seq - 1 and not state.failed:
-                await state.changed.wait()
-        if state.failed:
-            raise RingError(f"node {self.id}: {state.failed}")
         state.touched = time.monotonic()
-        if state.applied != header.seq - 1:
-            raise RingError(f"node {self.id}: no KVRollback for block {header.seq - 1} of request {rid} "
-                            f"within {self.timeouts.rollback_wait_s:.0f} s; refusing block {header.seq}")
-        return state
+        held = self.engine.cache_offset(rid)
+        with anyio.move_on_after(self.timeouts.rollback_wait_s):
+            while True:
+                if self.states.get(rid) is not state:
+                    return None  # released meanwhile
+                if state.failed:
+                    raise RingError(f"node {self.id}: {state.failed}")
+                if header.epoch < state.epoch:
+                    state.dropped += 1
+                    self.dropped += 1
+                    return None
+                if header.epoch == state.epoch and not state.running:
+                    held = self.engine.cache_offset(rid)
+                    if held == header.start:
+                        return state
+                    if held > header.start:
+                        raise RingError(f"node {self.id}: cache of request {rid} holds {held} tokens, "
+                                        f"block {header.seq} expects {header.start}")
+                await state.changed.wait()
+        if header.epoch > state.epoch:
+            raise RingError(f"node {self.id}: no KVRollback for epoch {header.epoch} of request {rid} within "
+                            f"{self.timeouts.rollback_wait_s:.0f} s (at epoch {state.epoch}); "
+                            f"refusing block {header.seq}")
+        raise RingError(f"node {self.id}: cache of request {rid} holds {held} tokens, block {header.seq} "
+                        f"expects {header.start}; the blocks before it did not come within "
+                        f"{self.timeouts.rollback_wait_s:.0f} s")
 
     def _judge(self, header: protocol.BlockHeader, state: StageState, out: np.ndarray | None,
                compute: list[float]) -> protocol.Result:
@@ -280,45 +353,46 @@ class RingStage:
             return
         if state.failed:
             return
-        if event.block <= state.applied or event.block in state.early:
+        if event.epoch <= state.epoch or event.epoch in state.early:
             self.rejected += 1
-            state.failed = (f"KVRollback for block {event.block} arrived after block {state.applied}: "
+            state.failed = (f"KVRollback for epoch {event.epoch} arrived at epoch {state.epoch}: "
                             f"out of order (duplicate or stale)")
-        elif event.block > state.applied + 1:
-            if len(state.early) >= MAX_EARLY_ROLLBACKS:
-                self.rejected += 1
-                state.failed = (f"KVRollback for block {event.block} arrived while block {state.applied + 1}'s "
-                                f"is still missing and {len(state.early)} later ones wait: out of order")
-            else:
-                state.early[event.block] = event  # applied once the blocks before it are
-                self.early_rollbacks += 1
-                return
+        elif len(state.early) >= MAX_EARLY_ROLLBACKS:
+            self.rejected += 1
+            state.failed = (f"KVRollback for epoch {event.epoch} arrived while epoch {state.epoch + 1}'s "
+                            f"is still missing and {len(state.early)} later ones wait: out of order")
         else:
-            self._apply_in_order(state, event)
+            state.early[event.epoch] = event
+            if event.epoch > state.epoch + 1:
+                self.early_rollbacks += 1  # held until the epochs before it have ended here
+            self._apply_early(state)
         state.notify()
 
-    def _apply_in_order(self, state: StageState, event: KVRollback | None) -> None:
-        """Apply `event` (the next block's rollback) and every held one that follows it."""
-        while event is not None and not state.failed:
+    def _apply_early(self, state: StageState) -> None:
+        """Apply every held rollback that is next in epoch order, unless a pass is running."""
+        while not state.running and not state.failed and state.epoch + 1 in state.early:
+            event = state.early.pop(state.epoch + 1)
             try:
                 rollback_to(self.engine, event.request_id, event.keep_tokens)
-                state.applied = event.block
             except KVRollbackError as exc:
                 state.failed = str(exc)
                 return
+            state.epoch = event.epoch
             self._report(state, event.block, event.request_id)
-            event = state.early.pop(state.applied + 1, None)
 
     def _report(self, state: StageState, block: int, request_id: str) -> None:
         report = StageReport(request_id=request_id, node_id=self.id, timestamp=time.time(),
                              shard=f"{state.shard.model_id}:{state.shard.start_layer}-{state.shard.end_layer}",
                              block=block, cache_offset=self.engine.cache_offset(request_id),
-                             forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens)
+                             forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens,
+                             epoch=state.epoch, dropped=state.dropped, discarded=state.discarded,
+                             discarded_seconds=state.discarded_seconds, messages=state.messages,
+                             bytes_sent=state.bytes_sent)
         if state.origin == self.id:
             self.reports.record(report)
             self.events.publish(report)
         else:
-            self.spawn(state.origin, "Event", self.codec.encode(report))
+            self.spawn(state.origin, "Event", state.sent(self.codec.encode(report)))
 
     # -- sending ------------------------------------------------------------------------------
     def _spawn_in_order(self, state: StageState, node_id: str, method: str, payload: bytes) -> None:
@@ -328,6 +402,8 @@ class RingStage:
             log.warning("node %s is not serving: %s to %s not sent", self.id, method, node_id)
             return
         lock = state.senders.setdefault(node_id, anyio.Lock())
+
+        state.sent(payload)
 
         async def deliver() -> None:
             async with lock:

@@ -10,6 +10,7 @@ AUTO = "auto"
 # hybrid when a draft model is available, else the suffix drafter alone.
 DRAFTERS = (AUTO, "model", "suffix", "hybrid")
 MODEL_DRAFTERS = ("model", "hybrid")  # those that need a draft model
+MAX_RING_WINDOW = 16
 
 # Target -> draft. Every pair shares one tokenizer (same ids; small Qwen models pad the
 # vocabulary to 151936, large ones to 152064, which is fine).
@@ -55,6 +56,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     # Rows of the draft model's output head: its most frequent tokens (the lowest BPE ids)
     # plus the special ones; 0 = the whole vocabulary. Exact either way (see inference/head_rows.py).
     draft_vocab: int = 0
+    # Pipelined blocks a ring may have in flight at once (exo/speculative/pipeline/window.py):
+    # 0 = auto (up to one per stage, fewer while whole blocks are seldom accepted), 1 = wait
+    # for each verdict before sending the next block.
+    ring_window: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_speculation_depth <= 64:
@@ -74,6 +79,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"suffix_min_match must be in 1..64, got {self.suffix_min_match}")
         if not 1 <= self.suffix_max_depth <= 256:
             raise ConfigError(f"suffix_max_depth must be in 1..256, got {self.suffix_max_depth}")
+        if not 0 <= self.ring_window <= MAX_RING_WINDOW:
+            raise ConfigError(f"ring_window must be in 0..{MAX_RING_WINDOW} (0: auto), got {self.ring_window}")
         if self.draft_vocab < 0:
             raise ConfigError(f"draft_vocab must be 0 (whole vocabulary) or a number of rows, got {self.draft_vocab}")
 

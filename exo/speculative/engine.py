@@ -172,7 +172,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self._controller(config, cost_key),
             events=self.events, node_id=self.node_id,
             shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
-            overlap_prefill=self.overlap_prefill,
+            overlap_prefill=self.overlap_prefill, ring_window=config.ring_window,
         )
         proposer = None
         if drafter is not None:

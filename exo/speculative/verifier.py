@@ -117,9 +117,13 @@ class BlockJudge:
 class TargetVerifier:
     """Verifies one request's blocks on a target engine in this process."""
 
+    stages = 1
+
     def __init__(self, engine: InferenceEngine, shard: Shard, request_id: str, params: GenerationParams):
         self.engine, self.shard, self.request_id = engine, shard, request_id
         self.judge = BlockJudge(params)
+        self._queued: dict[int, tuple[list[int], DraftBlock, bool]] = {}  # submitted, not yet verified
+        self._tickets = 0
 
     async def prefill(self, prompt: list[int], rng: np.random.Generator) -> Verdict:
         """Process the prompt and sample the first token (no draft can help here)."""
@@ -144,18 +148,49 @@ class TargetVerifier:
         rollback_to(self.engine, self.request_id, verdict.kept)
         return verdict
 
+    async def submit(self, committed: list[int], block: DraftBlock, defer_bonus: bool = False) -> int:
+        """Queue a block; one device verifies blocks one after the other, so a window brings
+        nothing here but keeps the schedulers' code one path."""
+        self._tickets += 1
+        self._queued[self._tickets] = (list(committed), block, defer_bonus)
+        return self._tickets
+
+    async def verdict(self, ticket: int, rng: np.random.Generator) -> Verdict:
+        committed, block, defer_bonus = self._queued.pop(ticket)
+        verdict = await self.verify(committed, block, rng, defer_bonus)
+        if verdict.diverged:
+            self.abandon()
+        return verdict
+
+    def abandon(self) -> None:
+        self._queued.clear()
+
     async def close(self) -> None:
         """Nothing to release beyond the engine's cache (the engine frees it)."""
 
 
 class Verifier(Protocol):
-    """What a scheduler needs from the target side, local or a ring of nodes."""
+    """What a scheduler needs from the target side, local or a ring of nodes.
+
+    `verify` is one block, sent and judged. A pipelined scheduler may instead `submit` up to
+    a window of blocks, each extending `committed` plus the blocks before it, and take their
+    `verdict`s oldest first; a verdict that diverges abandons the rest (never judged).
+    """
+
+    stages: int  # pipeline stages the target runs on (a window deeper than that gains nothing)
 
     async def prefill(self, prompt: list[int], rng: np.random.Generator) -> Verdict:
         """The first token (`emitted[0]`) and, if asked, its log-prob."""
 
     async def verify(self, committed: list[int], block: DraftBlock, rng: np.random.Generator,
                      defer_bonus: bool = False) -> Verdict: ...
+
+    async def submit(self, committed: list[int], block: DraftBlock, defer_bonus: bool = False) -> int: ...
+
+    async def verdict(self, ticket: int, rng: np.random.Generator) -> Verdict: ...
+
+    def abandon(self) -> None:
+        """Forget every block submitted and not yet judged (the request ends)."""
 
     async def close(self) -> None: ...
 

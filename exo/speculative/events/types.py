@@ -38,11 +38,16 @@ class KVRollback(_Event, tag="kv_rollback"):
 
     shard: str = ""  # "model_id:start-end"
     keep_tokens: int = 0
-    block: int = -1  # the verified block this follows; a ring stage applies them in order
+    block: int = -1  # the verified block whose verdict this is (-1: not a ring stage's)
+    # A ring's rollbacks end epochs: this one starts `epoch` (stages apply them in epoch order
+    # and drop every block of an earlier epoch).
+    epoch: int = 0
 
 
 class StageReport(_Event, tag="stage_report"):
-    """A ring stage's state after it applied block `block`'s rollback (cluster-wide metrics)."""
+    """A ring stage's state after it applied the rollback of block `block` (-1: the request
+    was released; the final totals). Cluster-wide metrics, and the proof that every stage
+    trimmed to the same length."""
 
     shard: str = ""
     block: int = 0
@@ -50,6 +55,12 @@ class StageReport(_Event, tag="stage_report"):
     forwards: int = 0
     forward_seconds: float = 0.0
     tokens: int = 0  # tokens this stage has run through its layers for the request
+    epoch: int = 0
+    dropped: int = 0  # blocks of an ended epoch dropped before computing them
+    discarded: int = 0  # blocks whose epoch ended while this stage computed them
+    discarded_seconds: float = 0.0  # compute spent on those
+    messages: int = 0  # messages this stage sent for the request before this report (passes, results, rollbacks, reports)
+    bytes_sent: int = 0
 
 
 class MetricsUpdate(_Event, tag="metrics_update"):

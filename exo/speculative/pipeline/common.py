@@ -50,6 +50,7 @@ class SpeculativeRequest:
     blocks: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked
     overlap_prefill: bool = False  # run the draft's prompt pass alongside the target's
+    ring_window: int = 0  # pipelined: blocks in flight at once (0: auto, see pipeline/window.py)
     draft_prefilled: bool = False
     draft_broken: bool = False
 

@@ -1,10 +1,13 @@
 """Pipelined speculation: the drafter drafts block n+1 while the verifier checks block n.
 
-    drafter --DraftBlock--> verifier --VerdictMessage--> drafter
-                               \\--emitted tokens--> consumer
+    drafter --DraftBlock--> submitter --Flight--> verifier --VerdictMessage--> drafter
+                                                     \\--emitted tokens--> consumer
 
-Two tasks in one task group, joined by bounded memory streams. The drafter assumes every
-block in flight will be fully accepted and keeps drafting past it. The verifier defers the
+Tasks in one task group, joined by bounded memory streams. The drafter assumes every
+block in flight will be fully accepted and keeps drafting past it; the submitter sends up
+to a window of blocks to the verifier before the first verdict is back (a ring of stages
+then computes several at once, see window.py), and the verifier takes their verdicts in
+order. The verifier defers the
 bonus token of a fully accepted block (see BlockJudge), so the drafter's next block
 stays valid; when a verdict commits a token the drafter did not propose, the epoch moves
 on: blocks of the old epoch are dropped unverified, the draft cache is rolled back to the
@@ -33,10 +36,11 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from exo.inference.sampling import draft_rng, judge_rng
 from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
+from exo.speculative.pipeline.window import Window, window_cap
 from exo.speculative.verifier import Verifier
 
 log = logging.getLogger("exo.speculative")
-MAX_BLOCKS_AHEAD = 2  # drafted but unverified blocks the drafter may have in flight
+DRAFTS_AHEAD = 1  # blocks drafted beyond the window (one waits while the window is full)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class VerdictMessage:
     epoch: int  # the verifier's epoch after this verdict
     emitted: list[int]
     accepted: int
+
+
+@dataclass(frozen=True)
+class Flight:
+    block: DraftBlock
+    ticket: int  # the verifier's handle for its verdict
+    epoch: int
 
 
 @dataclass
@@ -95,46 +106,73 @@ async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Propos
         if request.finish_reason is not None:
             return
         proposer = await request.prefill_draft(proposer)
+        window = Window(window_cap(request.ring_window, verifier.stages), request.ring_window == 0,
+                        list(committed))
         block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
-        verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](MAX_BLOCKS_AHEAD + 2)
+        flight_send, flight_recv = anyio.create_memory_object_stream[Flight](math.inf)  # the window bounds it
+        verdict_send, verdict_recv = anyio.create_memory_object_stream[VerdictMessage](math.inf)
         times = {"draft": SideTimes(), "verify": SideTimes()}
         async with anyio.create_task_group() as group:
             if proposer is not None:
                 group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
-                                 block_send, verdict_recv, times["draft"])
+                                 block_send, verdict_recv, times["draft"], window.cap + DRAFTS_AHEAD)
+                group.start_soon(_submitter, verifier, window, block_recv, flight_send)
             else:
                 block_send.close()
-            await _verifier(request, verifier, committed, rng, block_recv, verdict_send, out_send, times["verify"])
+                flight_send.close()
+            await _verifier(request, verifier, committed, rng, window, flight_recv, verdict_send, out_send,
+                            times["verify"])
             group.cancel_scope.cancel()  # the request is finished: stop drafting at once
         request.metrics.pipeline_idle = {side: t.idle for side, t in times.items()}
         request.metrics.pipeline_busy = {side: t.busy for side, t in times.items()}
 
 
+async def _submitter(verifier: Verifier, window: Window, blocks: ObjectReceiveStream[DraftBlock],
+                     flights: ObjectSendStream[Flight]) -> None:
+    """Send each drafted block to the verifier as soon as the window has room."""
+    async with blocks, flights:
+        async for block in blocks:
+            while block.epoch == window.epoch and not window.has_room():
+                await window.changed.wait()
+            if block.epoch != window.epoch:
+                continue  # drafted before the last divergence: never verified, never emitted
+            if block.base_length != len(window.sequence):
+                raise RuntimeError(f"block extends {block.base_length} tokens but {len(window.sequence)} "
+                                   f"are committed or in flight")
+            epoch, base = window.epoch, list(window.sequence)
+            window.sent(block.tokens)  # before the send: a verdict may end the epoch meanwhile
+            ticket = await verifier.submit(base, block, defer_bonus=True)
+            if window.epoch == epoch:
+                await flights.send(Flight(block, ticket, epoch))
+
+
 async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: list[int],
-                    rng: np.random.Generator, blocks: ObjectReceiveStream[DraftBlock],
+                    rng: np.random.Generator, window: Window, flights: ObjectReceiveStream[Flight],
                     verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[Emitted],
                     times: SideTimes) -> None:
-    epoch = 0
     drafts_open = True
     last_verdict = time.perf_counter()  # a block's cycle runs from the verdict before it to its own
     async with verdicts:
         while request.finish_reason is None:
             waited = time.perf_counter()
-            block = None
+            flight = None
             if drafts_open:
                 try:
-                    block = await blocks.receive()
+                    flight = await flights.receive()
                 except anyio.EndOfStream:
                     drafts_open = False  # the drafter is gone: plain decoding from here
-            if block is None:
-                block = DraftBlock([], None, len(committed), epoch)
-            elif block.epoch != epoch:
-                continue  # drafted before the last divergence: never verified, never emitted
+            if flight is None:
+                block = DraftBlock([], None, len(committed), window.epoch)
+                ticket = await verifier.submit(committed, block, defer_bonus=True)
+            elif flight.epoch != window.epoch:
+                continue  # sent before the last divergence: the verifier dropped it
+            else:
+                block, ticket = flight.block, flight.ticket
             started = time.perf_counter()
             times.idle += started - waited
             if block.base_length != len(committed):
                 raise RuntimeError(f"block extends {block.base_length} tokens but {len(committed)} are committed")
-            verdict = await verifier.verify(committed, block, rng, defer_bonus=True)
+            verdict = await verifier.verdict(ticket, rng)
             verified = time.perf_counter()
             times.busy += verified - started
             emitted = request.finish(verdict.emitted, verdict.logprobs)
@@ -142,19 +180,20 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                              cycle_s=verified - last_verdict)
             last_verdict = verified
             committed += emitted
-            if verdict.diverged:
-                epoch += 1
+            window.judged(block.k, verdict.diverged, committed)
             await out.send(request.emitted(emitted))
             if drafts_open:
                 try:
-                    await verdicts.send(VerdictMessage(epoch, emitted, verdict.accepted))
+                    await verdicts.send(VerdictMessage(window.epoch, emitted, verdict.accepted))
                 except anyio.BrokenResourceError:
                     drafts_open = False  # the drafter failed after sending this block
+        verifier.abandon()  # blocks still in flight when the request ended
 
 
 async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: list[int],
                    rng: np.random.Generator, blocks: ObjectSendStream[DraftBlock],
-                   verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes) -> None:
+                   verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes, ahead: int) -> None:
+    """Draft up to `ahead` unverified blocks past the committed sequence."""
     rid = request.request_id
     epoch = 0
     sequence = list(committed)  # committed + drafted-but-unverified tokens
@@ -194,7 +233,7 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
         try:
             while True:
                 drain()
-                if len(in_flight) >= MAX_BLOCKS_AHEAD:
+                if len(in_flight) >= ahead:
                     waited = time.perf_counter()
                     apply(await verdicts.receive())
                     times.idle += time.perf_counter() - waited
