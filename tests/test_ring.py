@@ -149,9 +149,15 @@ def test_two_node_ring_with_a_real_model_equals_single_node(smollm2_ring, smollm
     assert all(n["forwards"] > 0 and n["forward_seconds"] > 0 for n in metrics["nodes"].values())
 
 
+# Faults strike with several blocks in flight: pipelined, a window of 3 (K = 2 fixed: short
+# blocks, so the faulted stage has more than one of them on its way or queued).
+IN_FLIGHT = {"enabled": True, "pipelined": True, "ring_window": 3, "draft_tokens": 2, "adaptive_speculation": False}
+
+
 def stream_until_error(url: str, after_chunks: int, fault) -> tuple[list[dict], float]:
     """Stream a long generation, call `fault()` after some chunks; returns events and seconds from the fault."""
-    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": True,
+            "speculative": IN_FLIGHT}
     events, faulted = [], None
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():

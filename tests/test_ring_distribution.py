@@ -6,13 +6,13 @@ real `exo` subprocess. The draft is a different tiny model, so blocks are often 
 the residual distribution matters. Every request is T = 1, top-k 3, K = 2 fixed, seeded with
 its index; its first four tokens are compared with their exact law under the target (at
 most 81 outcomes, computed from the target's own logits on one in-process engine) by a
-G-test. The seeds are fixed, so the statistic is reproducible (the pipelined drafter's
-consumption of its stream after a rejection depends on timing, so there it may vary a little
-between runs; its law does not).
+G-test. The seeds are fixed, so the statistic is reproducible, and the first 20 seeds give
+the texts one node gives (the pipelined drafter draws each block from a stream of its own,
+so the blocks it drafts and drops, as timing decides, change nothing).
 
 The broken variant recreates the bug this guards against: the drafter samples from the very
-stream the last stage judges with (`draft_rng` monkeypatched to `judge_rng` in this process,
-where the drafter runs; the judge, in the subprocess, is untouched). It must fail the same
+stream the last stage judges with (`draft_rng` / `BlockDraftRngs` monkeypatched to
+`judge_rng` in this process, where the drafter runs; the judge, in the subprocess, is untouched). It must fail the same
 check, which shows the check can see the bias.
 """
 
@@ -203,10 +203,9 @@ async def test_seeded_ring_sampling_has_the_target_law(tmp_path, tiny_llama, tin
     model, draft = str(tiny_llama), str(tiny_llama_other)
     g, p, outputs = await check_law(tmp_path, model, draft, pipelined)
     assert p > ALPHA, f"G = {g:.1f}, p = {p:.2e}: the ring's seeded samples are not the target's law"
-    if not pipelined:  # the same seed means the same text wherever the target runs
-        seeds = range(20)
-        alone = await single_node_samples(model, draft, pipelined, seeds)
-        assert {s: outputs[s] for s in seeds} == alone
+    seeds = range(20)  # the same seed means the same text wherever the target runs
+    alone = await single_node_samples(model, draft, pipelined, seeds)
+    assert {s: outputs[s] for s in seeds} == alone
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
@@ -215,8 +214,10 @@ async def test_a_draft_sharing_the_judges_stream_fails_the_check(tmp_path, tiny_
     import exo.speculative.pipeline.pipelined as pipelined_module
     import exo.speculative.pipeline.sequential as sequential_module
 
-    module = pipelined_module if pipelined else sequential_module
-    monkeypatch.setattr(module, "draft_rng", judge_rng)  # the old bug: draft and judge read one stream
+    if pipelined:  # the old bug: draft and judge read one stream
+        monkeypatch.setattr(pipelined_module, "BlockDraftRngs", lambda seed: lambda epoch, start, s=judge_rng(seed): s)
+    else:
+        monkeypatch.setattr(sequential_module, "draft_rng", judge_rng)
     g, p, _ = await check_law(tmp_path, str(tiny_llama), str(tiny_llama_other), pipelined)
     assert p < ALPHA, f"G = {g:.1f}, p = {p:.2e}: the check did not see a biased sampler"
 

@@ -73,6 +73,23 @@ def draft_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
 
 
+class BlockDraftRngs:
+    """A pipelined drafter's streams: one per (epoch, block start), all children of the
+    request's draft stream (see `judge_rng`).
+
+    A pipelined drafter drafts blocks it later drops, as timing decides; with one stream per
+    block what it draws for the blocks that count does not depend on that, so a seed means one
+    text there too. No block start recurs within an epoch, so no numbers are reused after a
+    rejection (reused, they would be conditioned on the verdict that rejected them: biased).
+    """
+
+    def __init__(self, seed: int | None):
+        self._entropy = np.random.SeedSequence(seed).entropy
+
+    def __call__(self, epoch: int, start: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self._entropy, spawn_key=(1, epoch, start)))
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one id from a 1-D distribution (need not be normalised); zero-mass ids never come out."""
     cumulative = np.cumsum(probs, dtype=np.float64)

@@ -433,14 +433,16 @@ class Node:
                 log.exception("on_opaque_status callback failed")
 
     def cluster_metrics(self) -> dict | None:
-        """Every ring stage's last report, recent requests' per-stage cache offsets, and the
-        requests whose KV this node's stage holds right now."""
+        """Every ring stage's last report, recent requests' per-stage cache offsets and totals,
+        and the requests whose KV this node's stage holds right now."""
         if self.cluster is None:
             return None
         return {**self.cluster.member.reports.snapshot(), "live_requests": self.live_requests(),
                 "rejected_messages": self.cluster.server.rejected + self.cluster.member.rejected
                 + self.cluster.inbox.rejected,
                 "early_rollbacks": self.cluster.member.early_rollbacks,
+                "dropped_blocks": self.cluster.member.dropped, "discarded_blocks": self.cluster.member.discarded,
+                "late_results": self.cluster.inbox.late,
                 "unauthenticated_calls": self.cluster.server.unauthenticated}
 
     def topology(self) -> dict:

@@ -86,7 +86,8 @@ class ResultInbox:
 @dataclass
 class RingTimes:
     passes: int = 0
-    wall: float = 0.0  # from sending a block to its verdict
+    wall: float = 0.0  # from sending a block (or the verdict before it, if later) to its verdict
+    max_in_flight: int = 0  # the most blocks the request had in the ring at once
     compute: dict[int, float] = field(default_factory=dict)  # stage index -> seconds
 
     @property
@@ -96,7 +97,7 @@ class RingTimes:
         return self.wall - sum(self.compute.values())
 
     def summary(self) -> dict:
-        return {"passes": self.passes, "wall_seconds": self.wall, "overhead_seconds": self.overhead,
+        return {"passes": self.passes, "max_in_flight": self.max_in_flight, "wall_seconds": self.wall, "overhead_seconds": self.overhead,
                 "compute_seconds": [self.compute.get(i, 0.0) for i in range(max(self.compute, default=-1) + 1)]}
 
 
@@ -177,6 +178,7 @@ class RingVerifier:
         hop = 0 if inputs else len(self.ring) - 1  # a held row is sampled by the last stage alone
         seq = self.seq  # state changes before the send: a verdict may end the epoch while it is on its way
         self.flights[seq] = _Flight(self.inbox.expect(self.request_id, seq), time.perf_counter())
+        self.times.max_in_flight = max(self.times.max_in_flight, len(self.flights))
         try:
             await self.send(self.ring[hop].node_id, "Forward", protocol.encode(protocol.Forward(header, hop)),
                             self.send_timeout_s)

@@ -27,13 +27,13 @@ import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import anyio
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from exo.inference.sampling import draft_rng, judge_rng
+from exo.inference.sampling import BlockDraftRngs, judge_rng
 from exo.speculative.drafters import DraftBlock, Proposer
 from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
 from exo.speculative.pipeline.window import Window, window_cap
@@ -114,7 +114,7 @@ async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Propos
         times = {"draft": SideTimes(), "verify": SideTimes()}
         async with anyio.create_task_group() as group:
             if proposer is not None:
-                group.start_soon(_drafter, request, proposer, list(committed), draft_rng(request.params.seed),
+                group.start_soon(_drafter, request, proposer, list(committed), BlockDraftRngs(request.params.seed),
                                  block_send, verdict_recv, times["draft"], window.cap + DRAFTS_AHEAD)
                 group.start_soon(_submitter, verifier, window, block_recv, flight_send)
             else:
@@ -191,7 +191,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
 
 
 async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: list[int],
-                   rng: np.random.Generator, blocks: ObjectSendStream[DraftBlock],
+                   rngs: Callable[[int, int], np.random.Generator], blocks: ObjectSendStream[DraftBlock],
                    verdicts: ObjectReceiveStream[VerdictMessage], times: SideTimes, ahead: int) -> None:
     """Draft up to `ahead` unverified blocks past the committed sequence."""
     rid = request.request_id
@@ -255,7 +255,8 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                 started = time.perf_counter()
                 # A verdict that only confirms earlier blocks leaves this one valid; a
                 # divergence makes it moot, so stop drafting it at once.
-                block = await proposer.propose(rid, sequence, k, request.params, request.threshold, rng,
+                block = await proposer.propose(rid, sequence, k, request.params, request.threshold,
+                                               rngs(start_epoch, len(sequence)),
                                                interrupted=drain,
                                                trusted=request.controller.trusted_depth(request.threshold))
                 block.epoch = start_epoch
