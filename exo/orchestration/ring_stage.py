@@ -6,12 +6,12 @@ there) and sends the `Result` to the request's origin.
 
 Several blocks of one request may be in flight (the origin's window): each was drafted on
 the assumption that the blocks before it are accepted entirely, so every stage runs them in
-order as they come and extends its cache speculatively. A verdict that commits a token the
-draft did not propose (a rejection, or a bonus) ends the block's *epoch*: the last stage
-trims its cache, and broadcasts a `KVRollback` that starts the next epoch to every other
-stage at once. A stage drops the blocks of an ended epoch it has not started, discards one
-whose epoch ended while it ran (its output goes nowhere), and trims to the committed length.
-Verdicts that accept a whole block need no message at all: every cache already holds it.
+order as they come and extends its cache speculatively. A verdict that rejects a draft token
+ends the block's *epoch*: the last stage trims its cache, and broadcasts a `KVRollback` that
+starts the next epoch to every other stage at once. A stage drops the blocks of an ended
+epoch it has not started, discards one whose epoch ended while it ran (its output goes
+nowhere), and trims to the committed length. Any other verdict needs no message at all:
+every cache already holds exactly what it keeps (a plain ring sends none).
 
 A stage runs a block only when the block's epoch is the stage's and its cache holds exactly
 the header's base length; a longer cache, or a wait longer than `rollback_wait_s` for the
@@ -251,7 +251,7 @@ class RingStage:
                             self.timeouts.send_s)
             return
         result = self._judge(header, state, out, compute)
-        if header.seq and len(result.emitted) > result.accepted:  # a token the draft did not propose: the epoch ends
+        if result.accepted < result.drafted:  # a draft token was rejected: the epoch ends
             state.epoch += 1
             state.notify()
             rollback = KVRollback(request_id=rid, node_id=self.id, timestamp=time.time(),

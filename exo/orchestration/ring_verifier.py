@@ -4,7 +4,7 @@
 sequential and pipelined schedulers drive a ring exactly as they drive a local target. The
 pipelined one submits up to a window of blocks before the first verdict is back, each on the
 assumption that those before it are accepted entirely (its bonus deferred); a verdict that
-diverges ends the epoch, and the blocks still in flight are abandoned here while the stages
+rejects a draft token ends the epoch, and the blocks still in flight are abandoned here while the stages
 drop them (see `ring_stage`).
 """
 
@@ -117,7 +117,7 @@ class RingVerifier:
         # Mirrors the last stage's held row (see BlockJudge) after the last block submitted,
         # assuming every block in flight is accepted entirely.
         self.pending = False
-        self.epoch = 0  # verdicts that diverged so far; every header carries it
+        self.epoch = 0  # verdicts that rejected a draft token so far (the stages' epoch); every header carries it
         self.seq = 0
         self.flights: dict[int, _Flight] = {}  # seq -> block in the ring, oldest first
         self.times = RingTimes()
@@ -153,13 +153,15 @@ class RingVerifier:
         return self.seq
 
     async def verdict(self, ticket: int, rng: np.random.Generator | None = None) -> Verdict:
-        """The verdict of the oldest block in flight (`rng` unused, as in `prefill`). One that diverges ends the epoch: the
-        blocks after it are abandoned (the stages drop them) and must not be waited for."""
+        """The verdict of the oldest block in flight (`rng` unused, as in `prefill`). After one
+        that diverges, the blocks behind it are abandoned (the stages drop them, as they are
+        of an ended epoch) and must not be waited for."""
         result = await self._result(ticket)
         verdict = Verdict(result.emitted, result.accepted, result.drafted, result.kept, result.deferred,
                           result.logprobs)
-        if verdict.diverged:
-            self.epoch += 1
+        if verdict.accepted < verdict.drafted:
+            self.epoch += 1  # the stages trim, and drop the blocks drafted past the rejection
+        if verdict.diverged:  # a token the drafter did not propose: nothing in flight is valid
             self.pending = verdict.deferred
             self.abandon()
         return verdict

@@ -39,8 +39,8 @@ class KVRollback(_Event, tag="kv_rollback"):
     shard: str = ""  # "model_id:start-end"
     keep_tokens: int = 0
     block: int = -1  # the verified block whose verdict this is (-1: not a ring stage's)
-    # A ring's rollbacks end epochs: this one starts `epoch` (stages apply them in epoch order
-    # and drop every block of an earlier epoch).
+    # A ring's rollbacks (sent when a verdict rejects a draft token) end epochs: this one
+    # starts `epoch` (stages apply them in epoch order and drop every block of an earlier one).
     epoch: int = 0
 
 
