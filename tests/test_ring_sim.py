@@ -104,3 +104,20 @@ def test_bad_policies_are_refused():
         simulate(ring(), Policy(k=-1))
     with pytest.raises(ValueError):
         simulate(RingSpec([]), Policy(k=1))
+
+
+def test_measured_blocks_replay_the_closed_forms():
+    """(K, accepted) pairs drawn from a measured run: one fully accepted pair is the same ring
+    as acceptance 1; only plain steps (K = 0) never overlap, whatever the window, so they are
+    the plain ring, message for message."""
+    spec = ring()
+    measured = simulate(spec, Policy(k=0, window=3, blocks=[(4, 4)]), tokens=400)
+    closed = simulate(spec, Policy(k=4, window=3, acceptance=[1.0]), tokens=400)
+    assert measured.seconds == pytest.approx(closed.seconds, rel=1e-12) and measured.blocks == closed.blocks
+    plain_steps = simulate(spec, Policy(k=0, window=4, blocks=[(0, 0)]), tokens=100)
+    plain = plain_ring(spec, tokens=100)
+    assert plain_steps.seconds == pytest.approx(plain.seconds, rel=1e-12)
+    assert plain_steps.messages == plain.messages
+    # A plain step after a fully accepted block samples the held row: no stage computes it.
+    mixed = simulate(spec, Policy(k=0, window=2, blocks=[(4, 4), (0, 0)]), tokens=300, seed=1)
+    assert mixed.stages[0].passes == mixed.stages[2].passes < mixed.blocks

@@ -68,12 +68,15 @@ class RingSpec(msgspec.Struct, frozen=True):
 
 class Policy(msgspec.Struct, frozen=True):
     """How the ring is driven: K drafts per block (0: plain), W blocks in flight, and the
-    probability that draft position i is accepted given positions before it were."""
+    probability that draft position i is accepted given positions before it were; or, with
+    `blocks`, (K, accepted) pairs measured on a real run, each drafted block drawing one
+    (a suffix drafter's K varies with the repeat it copies, and K = 0 is a plain step)."""
 
     k: int
     window: int = 1
     acceptance: list[float] = []  # per position (the last value repeats); empty: none accepted
     defer_bonus: bool = True  # W > 1 needs it; False is the sequential scheduler's W = 1
+    blocks: list[tuple[int, int]] = []
 
     def accepted(self, rng: random.Random) -> int:
         for i in range(self.k):
@@ -81,6 +84,12 @@ class Policy(msgspec.Struct, frozen=True):
             if a < 1.0 and (a <= 0.0 or rng.random() >= a):
                 return i
         return self.k
+
+    def draw(self, rng: random.Random) -> tuple[int, int]:
+        """The next block's size and how many of its drafts the target will accept."""
+        if self.blocks:
+            return self.blocks[rng.randrange(len(self.blocks))]
+        return self.k, self.accepted(rng)
 
 
 class StageStats(msgspec.Struct):
@@ -117,6 +126,8 @@ class _Job:
     defer: bool  # a fully accepted block holds its bonus back
     draft_s: float = 0.0  # > 0: this job is the draft of `block`
     block: "_Job | None" = None
+    k: int = 0
+    accepted: int = 0  # decided when drafted (the target's verdict is fixed by the text)
 
 
 @dataclass(order=True)
@@ -151,6 +162,8 @@ class _Ring:
         self.pending_row = False  # the last judged block held its bonus back
         self.drafting = False
         self.draft_event: int | None = None  # the running draft's completion (not stage 0's)
+        self.next_block: tuple[int, int] | None = None  # drawn, not drafted yet
+        self.plain_in_flight = False  # a K = 0 step is out: nothing follows it until its verdict
         self.blocks = self.messages = 0
         self.bytes_sent = self.draft_s = 0.0
         self.finished_at: float | None = None
@@ -173,14 +186,22 @@ class _Ring:
 
     # -- the origin -------------------------------------------------------------------------
     def maybe_draft(self) -> None:
-        """Draft the next block if the window has room (one draft at a time)."""
-        if self.drafting or self.in_flight >= self.policy.window or self.finished_at is not None:
+        """Draft the next block if the window has room (one draft at a time). A plain step
+        (K = 0) waits for every block in flight, and nothing follows it until its verdict."""
+        if (self.drafting or self.in_flight >= self.policy.window or self.plain_in_flight
+                or self.finished_at is not None):
             return
-        k = self.policy.k
+        if self.next_block is None:
+            self.next_block = self.policy.draw(self.rng)
+        k, accepted = self.next_block
+        if k == 0 and self.in_flight:
+            return
+        self.next_block = None
         # The first block after a verdict without a held row also feeds the last committed token.
         feeds_last = self.in_flight == 0 and not self.pending_row
-        block = _Job(self.epoch, k + feeds_last, self.policy.defer_bonus)
+        block = _Job(self.epoch, k + feeds_last, self.policy.defer_bonus, k=k, accepted=accepted)
         self.in_flight += 1
+        self.plain_in_flight = k == 0
         self.drafting = True
         seconds = k * self.spec.draft_step_s
         self.draft_s += seconds
@@ -192,7 +213,11 @@ class _Ring:
 
     def drafted(self, block: _Job) -> None:
         self.drafting, self.draft_event = False, None
-        if block.epoch == self.epoch:  # else the epoch ended while it was drafted: drop it
+        if block.epoch != self.epoch:
+            pass  # the epoch ended while it was drafted: drop it
+        elif block.inputs == 0:  # only the last stage's held row is sampled: it alone is asked
+            self.send(0, lambda: self.judge(block))
+        else:
             self.arrive(0, block)
         self.maybe_draft()
 
@@ -202,8 +227,9 @@ class _Ring:
             return
         self.blocks += 1
         self.in_flight -= 1
-        full = accepted == self.policy.k
-        deferred = full and block.defer and self.policy.k > 0
+        self.plain_in_flight = False
+        full = accepted == block.k
+        deferred = full and block.defer and block.k > 0
         self.committed += accepted + (not deferred)
         self.pending_row = deferred
         if not full:
@@ -267,8 +293,8 @@ class _Ring:
         self.serve(stage)
 
     def judge(self, block: _Job) -> None:
-        accepted = self.policy.accepted(self.rng)
-        if accepted < self.policy.k:  # the epoch ends: the last stage knows now, the others a hop later
+        accepted = block.accepted
+        if accepted < block.k:  # the epoch ends: the last stage knows now, the others a hop later
             epoch = block.epoch + 1
             self.cancel(self.last, epoch)
             for stage in range(self.last):
