@@ -57,6 +57,7 @@ def stream_chat(url: str, prompt: str, max_tokens: int, speculative: dict | None
     request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
                                      {"content-type": "application/json"})
     pieces, stamps = [], []
+    sent = time.perf_counter()
     with urllib.request.urlopen(request, timeout=1800) as response:
         for raw in response:
             line = raw.decode().strip()
@@ -71,6 +72,7 @@ def stream_chat(url: str, prompt: str, max_tokens: int, speculative: dict | None
                 pieces.append(choice["delta"].get("content") or "")
     decode_s = stamps[-1] - stamps[0]
     return {"text": "".join(pieces), "tokens": len(stamps), "decode_seconds": decode_s,
+            "request_seconds": stamps[-1] - sent,
             "tokens_per_second": (len(stamps) - 1) / decode_s}
 
 

@@ -18,8 +18,27 @@ from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.orchestration import protocol
 from exo.orchestration.ring_stage import RingStage
 from exo.speculative.events import EventBus, KVRollback
+from exo.speculative.pipeline.window import Window, allowed_window, window_cap
 from exo.topology.partitioning import Stage
 from tests.test_ring import PROMPTS, SAMPLED, assert_same, assert_stages_in_step, complete, single_node_outputs
+
+
+def test_the_automatic_window_bets_only_on_blocks_likely_to_count():
+    assert window_cap(0, 1) == 1 and window_cap(0, 4) == 4 and window_cap(3, 8) == 3
+    assert [allowed_window(4, rate) for rate in (0.1, 0.3, 0.5, 0.6, 0.9, 1.0)] == [1, 2, 2, 3, 4, 4]
+    window = Window(cap=4, adaptive=True, sequence=[1, 2])
+    for _ in range(10):  # whole blocks accepted: the estimate rises, the window opens
+        window.sent([3])
+        window.judged(1, diverged=False, committed=window.sequence)
+    assert window.allowed() == 4 and window.epoch == 0 and window.sequence == [1, 2, *[3] * 10]
+    window.sent([4, 5])
+    window.sent([6])
+    window.judged(2, diverged=True, committed=[1, 2, 9])  # a rejection ends every bet in flight
+    assert (window.epoch, window.in_flight, window.sequence) == (1, 0, [1, 2, 9])
+    for _ in range(10):
+        window.judged(2, diverged=True, committed=[1, 2, 9])
+    assert window.allowed() == 1
+    assert Window(cap=3, adaptive=False, sequence=[], full_rate=0.0).allowed() == 3
 
 
 class FirstStage:

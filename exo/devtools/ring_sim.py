@@ -36,6 +36,8 @@ from typing import Callable
 
 import msgspec
 
+from exo.speculative.pipeline.window import PRIOR_FULL_RATE, allowed_window, next_full_rate
+
 
 class StageCost(msgspec.Struct, frozen=True):
     """Seconds a stage takes for one pass over `tokens` tokens: fixed + per_token * tokens."""
@@ -77,6 +79,10 @@ class Policy(msgspec.Struct, frozen=True):
     acceptance: list[float] = []  # per position (the last value repeats); empty: none accepted
     defer_bonus: bool = True  # W > 1 needs it; False is the sequential scheduler's W = 1
     blocks: list[tuple[int, int]] = []
+    replay: bool = False  # take `blocks` in order (the i-th judged block is the i-th), not at random
+    # > 0: the scheduler's automatic window (exo/speculative/pipeline/window.py) with this
+    # threshold, at most `window` blocks.
+    min_survival: float = 0.0
 
     def accepted(self, rng: random.Random) -> int:
         for i in range(self.k):
@@ -85,10 +91,11 @@ class Policy(msgspec.Struct, frozen=True):
                 return i
         return self.k
 
-    def draw(self, rng: random.Random) -> tuple[int, int]:
-        """The next block's size and how many of its drafts the target will accept."""
+    def draw(self, rng: random.Random, position: int) -> tuple[int, int]:
+        """The size of the block `position` blocks after the first, and how many of its
+        drafts the target will accept."""
         if self.blocks:
-            return self.blocks[rng.randrange(len(self.blocks))]
+            return self.blocks[position % len(self.blocks) if self.replay else rng.randrange(len(self.blocks))]
         return self.k, self.accepted(rng)
 
 
@@ -163,6 +170,7 @@ class _Ring:
         self.drafting = False
         self.draft_event: int | None = None  # the running draft's completion (not stage 0's)
         self.next_block: tuple[int, int] | None = None  # drawn, not drafted yet
+        self.full_rate = PRIOR_FULL_RATE  # the automatic window's estimate (Policy.min_survival)
         self.plain_in_flight = False  # a K = 0 step is out: nothing follows it until its verdict
         self.blocks = self.messages = 0
         self.bytes_sent = self.draft_s = 0.0
@@ -188,11 +196,13 @@ class _Ring:
     def maybe_draft(self) -> None:
         """Draft the next block if the window has room (one draft at a time). A plain step
         (K = 0) waits for every block in flight, and nothing follows it until its verdict."""
-        if (self.drafting or self.in_flight >= self.policy.window or self.plain_in_flight
-                or self.finished_at is not None):
+        window = self.policy.window
+        if self.policy.min_survival > 0:
+            window = allowed_window(window, self.full_rate, self.policy.min_survival)
+        if self.drafting or self.in_flight >= window or self.plain_in_flight or self.finished_at is not None:
             return
         if self.next_block is None:
-            self.next_block = self.policy.draw(self.rng)
+            self.next_block = self.policy.draw(self.rng, self.blocks + self.in_flight)
         k, accepted = self.next_block
         if k == 0 and self.in_flight:
             return
@@ -230,11 +240,13 @@ class _Ring:
         self.plain_in_flight = False
         full = accepted == block.k
         deferred = full and block.defer and block.k > 0
+        self.full_rate = next_full_rate(self.full_rate, block.k, not deferred)
         self.committed += accepted + (not deferred)
         self.pending_row = deferred
         if not full:
             self.epoch += 1
             self.in_flight = 0
+            self.next_block = None  # drawn for a position the rejection has moved
             self.abandon_draft()
         if self.committed >= self.want:
             self.finished_at = self.now

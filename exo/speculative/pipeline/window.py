@@ -15,9 +15,23 @@ from dataclasses import dataclass, field
 
 import anyio
 
-MIN_SURVIVAL = 0.3  # see bench/ring_window_sim.py: the sweep that chose it
+MIN_SURVIVAL = 0.3  # see bench/ring_sim_check.py: the sweep that chose it
 PRIOR_FULL_RATE = 0.5  # whole-block acceptance assumed before the first verdict
 RATE_WEIGHT = 0.2  # weight of the newest verdict in the moving average
+
+
+def allowed_window(cap: int, full_rate: float, min_survival: float = MIN_SURVIVAL) -> int:
+    """Blocks in flight while whole blocks are accepted at `full_rate`: the n-th only while
+    full_rate ** (n - 1) >= min_survival (always the first)."""
+    n = 1
+    while n < cap and full_rate ** n >= min_survival:
+        n += 1
+    return n
+
+
+def next_full_rate(rate: float, k: int, diverged: bool) -> float:
+    """The moving average after a verdict (plain steps say nothing about drafts)."""
+    return rate + RATE_WEIGHT * ((not diverged) - rate) if k else rate
 
 
 def window_cap(ring_window: int, stages: int) -> int:
@@ -36,12 +50,7 @@ class Window:
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     def allowed(self) -> int:
-        if not self.adaptive:
-            return self.cap
-        n = 1
-        while n < self.cap and self.full_rate ** n >= MIN_SURVIVAL:
-            n += 1
-        return n
+        return allowed_window(self.cap, self.full_rate) if self.adaptive else self.cap
 
     def has_room(self) -> bool:
         return self.in_flight < self.allowed()
@@ -53,8 +62,7 @@ class Window:
     def judged(self, k: int, diverged: bool, committed: list[int]) -> None:
         """One verdict is back; a divergence ends the epoch and every bet in flight."""
         self.in_flight -= 1
-        if k:
-            self.full_rate += RATE_WEIGHT * ((not diverged) - self.full_rate)
+        self.full_rate = next_full_rate(self.full_rate, k, diverged)
         if diverged:
             self.epoch += 1
             self.sequence = list(committed)
