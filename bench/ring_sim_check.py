@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/ring_sim_check.py [--measured bench/results/ring_window.json]
 
-1. Calibrate (from `bench/ring_window.py`'s runs, nothing else):
-   - each stage's cost per pass, fixed + per token: least squares over every run's final stage
-     totals (passes, tokens, seconds), with one prompt-pass term per prompt (every run of a
-     prompt pays the same prompt pass);
-   - the hop: the plain ring's decode seconds per token, less the stages' one-token passes,
-     shared among the ring's P hops per pass (P - 1 forwards and the result home); it also
-     absorbs per-message serialisation and scheduling;
-   - the model drafter's cost per draft token (its draft time over its drafted tokens; on
-     stage 0's core, as in the runs); the suffix drafter's is taken as zero;
+1. Calibrate (from `bench/ring_window.py`'s runs, nothing else; see `Calibration`):
+   - the hop: the origin's ring time less the stages' compute, per pass of the plain ring,
+     shared among its P hops (P - 1 forwards and the result home); it absorbs serialisation
+     and scheduling too;
+   - the stages' one-token passes: the plain ring's decode seconds per token less that
+     overhead, split by the stages' shares of the layers;
+   - fitted: the cost of each further token in a pass (suffix W = 1 runs at 0 ms), and the
+     draft model's step on stage 0's core and its prompt pass per prompt token (which the
+     scheduler runs after the first token, so inside the decode span; model W = 1 at 0 ms);
    - the acceptance: each run's own verified blocks, (K, accepted), replayed in order.
 2. Validate: the predicted decode tokens/s of every real run (plain ring, each drafter at
    every window) against the measured, as a ratio.
@@ -26,7 +26,9 @@ Writes bench/results/ring_sim_check.json and .png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 
 from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure
 from exo.devtools.ring_sim import Policy, RingSpec, StageCost, plain_ring, simulate
+from exo.speculative.pipeline.window import MIN_SURVIVAL
 
 SEEDS = range(3)
 
@@ -43,45 +46,77 @@ def mean_tps(spec: RingSpec, policy: Policy, tokens: int) -> float:
 
 
 # -- 1. calibration ------------------------------------------------------------------------------
-def stage_costs(runs: list[dict]) -> dict[str, StageCost]:
-    """node -> its cost per pass, fitted on every run of every cluster (a stage's layers and
-    core do not change with the link delay)."""
-    prompts = sorted({r["prompt"] for r in runs})
-    costs = {}
-    for node in sorted({n for r in runs for n in r["stages"]}):
-        rows, seconds = [], []
-        for r in runs:
-            s = r["stages"].get(node)
-            if not s:
-                continue
-            # The prompt pass is one of the passes, the same in every run of its prompt (its
-            # column absorbs its cost and its tokens): the rest are decode passes.
-            rows.append([s["forwards"] - 1, s["tokens"],
-                         *[float(r["prompt"] == p) for p in prompts]])
-            seconds.append(s["forward_seconds"])
-        solution, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(seconds), rcond=None)
-        costs[node] = StageCost(max(0.0, float(solution[0])), max(0.0, float(solution[1])))
-    return costs
+# The stages' totals include the prompt pass, which dwarfs a decode pass and scales with the
+# prompt; so the decode costs come from the decode timings instead: the plain ring's seconds
+# per token (one pass each) are the stages' one-token passes plus the ring's per-pass overhead
+# (the origin's measured ring time less every stage's compute, over its passes); the passes
+# split among the stages by their share of the layers (the same layers cost the same). Two
+# costs the plain ring cannot show are fitted, each on one kind of run at 0 ms and checked
+# on all the others: the cost of every further token in a pass (on the suffix drafter's W = 1
+# runs, whose drafts are free) and the draft model's step (on its W = 1 runs).
+def layer_shares(run: dict) -> list[float]:
+    layers = [s["end_layer"] - s["start_layer"] + 1 for s in run["ring"]["stages"]]
+    return [n / sum(layers) for n in layers]
 
 
-def hop_seconds(runs: list[dict], costs: list[StageCost]) -> float:
-    per_token = [r["decode_seconds"] / (r["tokens"] - 1) for r in runs if r["mode"] == "plain ring"]
-    return max(0.0, (statistics.median(per_token) - sum(c.seconds(1) for c in costs)) / len(costs))
+def overhead_per_pass(runs: list[dict], delay: float) -> float:
+    plain = [r for r in runs if r["mode"] == "plain ring" and r["delay_ms"] == delay]
+    return statistics.median((r["ring"]["wall_seconds"] - sum(r["ring"]["compute_seconds"])) / r["ring"]["passes"]
+                             for r in plain)
 
 
-def draft_step(runs: list[dict]) -> float:
-    steps = [r["draft_time"] / sum(k for k, _ in r["blocks"]) for r in runs
-             if r["drafter"] == "model" and sum(k for k, _ in r["blocks"])]
-    return statistics.median(steps) if steps else 0.0
+class Calibration:
+    def __init__(self, runs: list[dict]):
+        self.runs = runs
+        plain = next(r for r in runs if r["mode"] == "plain ring")
+        self.shares = layer_shares(plain)
+        self.hop_s = {d: overhead_per_pass(runs, d) / len(self.shares) for d in sorted({r["delay_ms"] for r in runs})}
+        # Seconds of every stage's one-token pass together, per prompt (its context length).
+        self.pass_s = {p: statistics.median(r["decode_seconds"] / (r["tokens"] - 1) - overhead_per_pass(runs, r["delay_ms"])
+                                            for r in runs if r["mode"] == "plain ring" and r["prompt"] == p)
+                       for p in sorted({r["prompt"] for r in runs})}
+        # Prompt tokens: a plain run's stage tokens less its one-token decode passes.
+        self.prompt_tokens = {r["prompt"]: next(iter(r["stages"].values()))["tokens"] - r["ring"]["passes"] + 1
+                              for r in runs if r["mode"] == "plain ring"}
+        self.per_token_s = 0.0  # the ring's, all stages together
+        self.draft_step_s = self.draft_prefill_token_s = 0.0
+        self._fit("suffix", {"per_token_s": np.linspace(0.0, 0.1, 41)})
+        self._fit("model", {"draft_step_s": np.linspace(0.0, 0.4, 41),
+                            "draft_prefill_token_s": np.linspace(0.0, 0.03, 31)})
 
+    def spec(self, prompt: str, delay: float, drafter: str | None) -> RingSpec:
+        stages = [StageCost(share * self.pass_s[prompt] - share * self.per_token_s, share * self.per_token_s)
+                  for share in self.shares]
+        model = drafter == "model"
+        return RingSpec(stages, hop_s=self.hop_s[delay], draft_step_s=self.draft_step_s if model else 0.0,
+                        draft_shares_stage0=model,
+                        draft_prefill_s=self.draft_prefill_token_s * self.prompt_tokens[prompt] if model else 0.0)
 
-def ring_spec(runs: list[dict], costs: dict[str, StageCost], drafter: str | None, delay: float,
-              step_s: float) -> RingSpec:
-    nodes = sorted(runs[0]["stages"])
-    stages = [costs[n] for n in nodes]
-    group = [r for r in runs if r["delay_ms"] == delay]
-    return RingSpec(stages, hop_s=hop_seconds(group, stages), draft_step_s=step_s if drafter == "model" else 0.0,
-                    draft_shares_stage0=drafter == "model")
+    def predict(self, run: dict) -> float:
+        spec = self.spec(run["prompt"], run["delay_ms"], run["drafter"])
+        # The decode span the client timed: from the first token to the last.
+        return simulate(spec, policy_of(run), run["tokens"] - 1, seed=0).tokens_per_second
+
+    def _fit(self, drafter: str, grids: dict[str, np.ndarray]) -> None:
+        """Set the attributes in `grids` to the grid point whose predictions best match (in
+        log ratio) the drafter's W = 1 runs at 0 ms."""
+        fitted = [r for r in self.runs if r["drafter"] == drafter and r["window"] == 1 and r["delay_ms"] == 0]
+
+        def error(values: tuple[float, ...]) -> float:
+            for name, value in zip(grids, values):
+                setattr(self, name, float(value))
+            return sum(math.log(self.predict(r) / r["tokens_per_second"]) ** 2 for r in fitted)
+
+        best = min(itertools.product(*grids.values()), key=error)
+        error(best)
+
+    def summary(self) -> dict:
+        return {"layer_shares": self.shares, "hop_s": {str(d): h for d, h in self.hop_s.items()},
+                "one_token_pass_s": self.pass_s, "per_token_s": self.per_token_s,
+                "draft_step_s": self.draft_step_s, "draft_prefill_token_s": self.draft_prefill_token_s,
+                "prompt_tokens": self.prompt_tokens,
+                "fitted_on": "per_token_s: suffix W=1 at 0 ms; draft_step_s and draft_prefill_token_s: "
+                             "model W=1 at 0 ms"}
 
 
 def policy_of(run: dict) -> Policy:
@@ -91,22 +126,15 @@ def policy_of(run: dict) -> Policy:
 
 
 def validate(runs: list[dict]) -> tuple[dict, list[dict]]:
-    costs = stage_costs(runs)
-    step_s = draft_step(runs)
+    calibration = Calibration(runs)
     out = []
     for run in runs:
-        spec = ring_spec(runs, costs, run["drafter"], run["delay_ms"], step_s)
-        # The decode span the client timed: from the first token to the last.
-        predicted = simulate(spec, policy_of(run), run["tokens"] - 1, seed=0)
-        tps = predicted.tokens_per_second
+        tps = calibration.predict(run)
+        fitted = run["drafter"] in ("suffix", "model") and run["window"] == 1 and run["delay_ms"] == 0
         out.append({k: run[k] for k in ("nodes", "delay_ms", "prompt", "mode", "drafter", "window")}
                    | {"measured_tps": run["tokens_per_second"], "predicted_tps": tps,
-                      "ratio": tps / run["tokens_per_second"]})
-    calibration = {"stages": {n: {"fixed_s": c.fixed_s, "per_token_s": c.per_token_s} for n, c in costs.items()},
-                   "hop_s": {str(d): ring_spec(runs, costs, None, d, 0).hop_s
-                             for d in sorted({r["delay_ms"] for r in runs})},
-                   "draft_step_s": step_s}
-    return calibration, out
+                      "ratio": tps / run["tokens_per_second"], "fitted_on": fitted})
+    return calibration.summary(), out
 
 
 # -- 3. predictions ------------------------------------------------------------------------------
@@ -148,7 +176,7 @@ def predict(acceptance: dict[str, list[tuple[int, int]]], windows: range = range
                                     draft_shares_stage0=drafter == "model")
                     by_w = {w: mean_tps(spec, Policy(k=0, window=w, blocks=blocks), 2000) for w in windows}
                     best = max(by_w, key=by_w.get)
-                    auto = mean_tps(spec, Policy(k=0, window=stages, blocks=blocks, min_survival=0.3), 2000)
+                    auto = mean_tps(spec, Policy(k=0, window=stages, blocks=blocks, min_survival=MIN_SURVIVAL), 2000)
                     out.append({"model": model, "stages": stages, "hop_ms": hop_ms, "acceptance": source,
                                 "plain_tps": plain, "w1_tps": by_w[1], "best_window": best, "best_tps": by_w[best],
                                 "auto_tps": auto, "best_vs_plain": by_w[best] / plain,
@@ -157,7 +185,7 @@ def predict(acceptance: dict[str, list[tuple[int, int]]], windows: range = range
 
 
 # -- 4. the automatic window's threshold ---------------------------------------------------------
-def sweep(thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7)) -> list[dict]:
+def sweep(thresholds=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5)) -> list[dict]:
     """tokens/s of the automatic window relative to the best fixed W, per threshold, over
     rings (2-8 stages, 1-20 ms) and per-position acceptance 0.3-0.95 at K = 4."""
     out = []

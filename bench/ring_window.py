@@ -76,7 +76,8 @@ def request_details(url: str, timeout_s: float = 30) -> tuple[dict, dict]:
         metrics = httpx.get(f"{url}/v1/speculative/metrics", timeout=30).json()
         last = metrics["recent"][-1]
         stages = metrics["cluster"]["stages"].get(last["request_id"], {})
-        if stages and all(s["final"] for s in stages.values()) or time.monotonic() > deadline:
+        every = {s["node_id"] for s in last["ring"]["stages"]}
+        if set(stages) == every and all(s["final"] for s in stages.values()) or time.monotonic() > deadline:
             return last, stages
         time.sleep(0.2)
 

@@ -25,7 +25,8 @@ from tests.test_ring import PROMPTS, SAMPLED, assert_same, assert_stages_in_step
 
 def test_the_automatic_window_bets_only_on_blocks_likely_to_count():
     assert window_cap(0, 1) == 1 and window_cap(0, 4) == 4 and window_cap(3, 8) == 3
-    assert [allowed_window(4, rate) for rate in (0.1, 0.3, 0.5, 0.6, 0.9, 1.0)] == [1, 2, 2, 3, 4, 4]
+    assert [allowed_window(4, rate, 0.3) for rate in (0.1, 0.3, 0.5, 0.6, 0.9, 1.0)] == [1, 2, 2, 3, 4, 4]
+    assert [allowed_window(4, rate, 0.1) for rate in (0.05, 0.1, 0.3, 0.5)] == [1, 2, 2, 4]
     window = Window(cap=4, adaptive=True, sequence=[1, 2])
     for _ in range(10):  # whole blocks accepted: the estimate rises, the window opens
         window.sent([3])

@@ -63,6 +63,9 @@ class RingSpec(msgspec.Struct, frozen=True):
     # A stage that learns its running block was cancelled stops at once (True) or finishes
     # it and throws the result away (False: what an MLX or tinygrad forward pass does).
     abort_running: bool = False
+    # The draft model's prompt pass, run after the first token and before the first block
+    # (a scheduler that defers it so the first token never waits for the draft).
+    draft_prefill_s: float = 0.0
 
     def hop(self, tokens: int) -> float:
         return self.hop_s + (tokens * self.bytes_per_token / self.bandwidth_bps if self.bytes_per_token else 0.0)
@@ -182,7 +185,11 @@ class _Ring:
         return order
 
     def run(self) -> SimResult:
-        self.maybe_draft()
+        if self.spec.draft_prefill_s:
+            self.draft_s += self.spec.draft_prefill_s
+            self.at(self.spec.draft_prefill_s, self.maybe_draft)
+        else:
+            self.maybe_draft()
         while self.events and self.finished_at is None:
             event = heapq.heappop(self.events)
             if event.order in self.cancelled:
