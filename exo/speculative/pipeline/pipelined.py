@@ -150,7 +150,7 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
                     rng: np.random.Generator, window: Window, flights: ObjectReceiveStream[Flight],
                     verdicts: ObjectSendStream[VerdictMessage], out: ObjectSendStream[Emitted],
                     times: SideTimes) -> None:
-    drafts_open = True
+    drafts_open = drafter_listens = True
     last_verdict = time.perf_counter()  # a block's cycle runs from the verdict before it to its own
     async with verdicts:
         while request.finish_reason is None:
@@ -182,11 +182,14 @@ async def _verifier(request: SpeculativeRequest, verifier: Verifier, committed: 
             committed += emitted
             window.judged(block.k, verdict.diverged, committed)
             await out.send(request.emitted(emitted))
-            if drafts_open:
+            if drafter_listens:
                 try:
                     await verdicts.send(VerdictMessage(window.epoch, emitted, verdict.accepted))
                 except anyio.BrokenResourceError:
-                    drafts_open = False  # the drafter failed after sending this block
+                    # The drafter failed after sending this block. The blocks it sent before
+                    # are still verified, in order (the target's caches already hold them);
+                    # plain steps follow when the submitter's stream ends.
+                    drafter_listens = False
         verifier.abandon()  # blocks still in flight when the request ended
 
 
