@@ -231,12 +231,14 @@ async def test_a_hybrid_switching_drafter_every_block_stays_exact(make_speculati
     """Model, copy, none, model, ...: the model's cache catches up after copies and stays
     exact through rollbacks (same-model draft, so its blocks are all accepted). The choice
     goes by the block's position, not by call order: the pipelined scheduler drafts blocks it
-    then drops, and which ones depends on timing."""
+    then drops, and which ones depends on timing. K is fixed at 4: adaptive K follows timing,
+    and a K that is a multiple of 3 would keep every block's position in one class."""
     choices = ("model", "suffix", "none")
     monkeypatch.setattr(HybridDrafter, "_choose", lambda self, copy, bucket, model_k, *rest:
                         choices[copy.base_length % 3] if copy.tokens else "model")
     engine, shard = await loaded(make_speculative, tiny_llama, tiny_llama, drafter="hybrid", pipelined=pipelined,
-                                 suffix_min_match=1)  # copies after any seen token: most blocks have one
+                                 suffix_min_match=1,  # copies after any seen token: most blocks have one
+                                 adaptive_speculation=False, draft_tokens=4)
     params = GenerationParams(max_tokens=48, temperature=0.0)
     for prompt in PROMPTS:
         assert await collect(engine.generate(shard, prompt, params, eos_ids=frozenset())) == \
