@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ring_window.py [--nodes 2] [--delays 0 5 20] [--windows 1 2 3]
         [--drafters suffix model] [--max-tokens 48] [--target qwen2.5-coder-1.5b]
-        [--draft qwen2.5-coder-0.5b]
+        [--draft qwen2.5-coder-0.5b] [--memory-gb 2 2] [--name ring_window]
 
 Each ring is real `exo` node processes on loopback, each pinned to a core of its own with one
 BLAS thread (node 0 holds the first layers, runs the draft and schedules); link latency is
@@ -105,7 +105,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             logs.mkdir(parents=True)
             print(f"cluster logs: {logs}", flush=True)
             cpus = [[cores[i % len(cores)]] for i in range(n)]
-            with RingCluster(logs, n, target, draft, ring_timeout_s=600, cpus=cpus,
+            with RingCluster(logs, n, target, draft, ring_timeout_s=600, cpus=cpus, memory_gb=args.memory_gb,
                              extra=("--link-delay-ms", str(delay))) as cluster:
                 url = cluster.url
                 events = BlockLog(url)
@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--drafters", nargs="+", default=["suffix", "model"], choices=["suffix", "model", "hybrid"])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--memory-gb", type=float, nargs="+", default=None,
+                        help="memory each node announces (its share of the layers); default: node 0 "
+                             "a little more, so it holds the most")
     parser.add_argument("--name", default="ring_window")
     args = parser.parse_args()
     rows = measure(args)
