@@ -68,16 +68,17 @@ def overhead_per_pass(runs: list[dict], delay: float) -> float:
 class Calibration:
     def __init__(self, runs: list[dict]):
         self.runs = runs
-        plain = next(r for r in runs if r["mode"] == "plain ring")
-        self.shares = layer_shares(plain)
+        plain_runs = [r for r in runs if r["mode"] == "plain ring"]
+        self.shares = layer_shares(plain_runs[0])
         self.hop_s = {d: overhead_per_pass(runs, d) / len(self.shares) for d in sorted({r["delay_ms"] for r in runs})}
         # Seconds of every stage's one-token pass together, per prompt (its context length).
-        self.pass_s = {p: statistics.median(r["decode_seconds"] / (r["tokens"] - 1) - overhead_per_pass(runs, r["delay_ms"])
-                                            for r in runs if r["mode"] == "plain ring" and r["prompt"] == p)
+        self.pass_s = {p: statistics.median(r["decode_seconds"] / (r["tokens"] - 1)
+                                            - self.hop_s[r["delay_ms"]] * len(self.shares)
+                                            for r in plain_runs if r["prompt"] == p)
                        for p in sorted({r["prompt"] for r in runs})}
         # Prompt tokens: a plain run's stage tokens less its one-token decode passes.
         self.prompt_tokens = {r["prompt"]: next(iter(r["stages"].values()))["tokens"] - r["ring"]["passes"] + 1
-                              for r in runs if r["mode"] == "plain ring"}
+                              for r in plain_runs}
         self.per_token_s = 0.0  # the ring's, all stages together
         self.draft_step_s = self.draft_prefill_token_s = 0.0
         self._fit("suffix", {"per_token_s": np.linspace(0.0, 0.1, 41)})

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from common import RESULTS, grouped_bars, machine, median, pyplot, save, save_figure
+from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure
 from drafter_prompts import build
 from ring_decode import stream_chat
 

@@ -230,12 +230,11 @@ class _Ring:
 
     def drafted(self, block: _Job) -> None:
         self.drafting, self.draft_event = False, None
-        if block.epoch != self.epoch:
-            pass  # the epoch ended while it was drafted: drop it
-        elif block.inputs == 0:  # only the last stage's held row is sampled: it alone is asked
-            self.send(0, lambda: self.judge(block))
-        else:
-            self.arrive(0, block)
+        if block.epoch == self.epoch:  # else the epoch ended while it was drafted: drop it
+            if block.inputs == 0:  # only the last stage's held row is sampled: it alone is asked
+                self.send(0, lambda: self.judge(block))
+            else:
+                self.arrive(0, block)
         self.maybe_draft()
 
     def result(self, block: _Job, accepted: int) -> None:

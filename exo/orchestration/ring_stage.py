@@ -68,7 +68,7 @@ class StageState:
     origin: str
     judge: BlockJudge | None = None  # last stage only
     rng: np.random.Generator | None = None  # last stage only: the request's sampling RNG
-    epoch: int = 0  # epochs ended so far (rollbacks applied; on the last stage, verdicts that diverged)
+    epoch: int = 0  # epochs ended so far (rollbacks applied; on the last stage, verdicts that rejected a draft)
     running: bool = False  # a pass of this request is on the engine's thread (no trim meanwhile)
     early: dict[int, KVRollback] = field(default_factory=dict)  # epoch -> rollback not applied yet
     senders: dict[str, anyio.Lock] = field(default_factory=dict)  # peer -> lock that keeps its rollbacks in order

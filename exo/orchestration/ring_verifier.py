@@ -4,8 +4,8 @@
 sequential and pipelined schedulers drive a ring exactly as they drive a local target. The
 pipelined one submits up to a window of blocks before the first verdict is back, each on the
 assumption that those before it are accepted entirely (its bonus deferred); a verdict that
-rejects a draft token ends the epoch, and the blocks still in flight are abandoned here while the stages
-drop them (see `ring_stage`).
+rejects a draft token ends the epoch, and the blocks still in flight are abandoned here
+while the stages drop them (see `ring_stage`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class RingTimes:
         return self.wall - sum(self.compute.values())
 
     def summary(self) -> dict:
-        return {"passes": self.passes, "max_in_flight": self.max_in_flight, "wall_seconds": self.wall, "overhead_seconds": self.overhead,
+        return {"passes": self.passes, "max_in_flight": self.max_in_flight, "wall_seconds": self.wall,
+                "overhead_seconds": self.overhead,
                 "compute_seconds": [self.compute.get(i, 0.0) for i in range(max(self.compute, default=-1) + 1)]}
 
 
@@ -117,7 +118,7 @@ class RingVerifier:
         # Mirrors the last stage's held row (see BlockJudge) after the last block submitted,
         # assuming every block in flight is accepted entirely.
         self.pending = False
-        self.epoch = 0  # verdicts that rejected a draft token so far (the stages' epoch); every header carries it
+        self.epoch = 0  # verdicts that rejected a draft token (the stages' epoch); every header carries it
         self.seq = 0
         self.flights: dict[int, _Flight] = {}  # seq -> block in the ring, oldest first
         self.times = RingTimes()

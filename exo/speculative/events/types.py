@@ -59,7 +59,7 @@ class StageReport(_Event, tag="stage_report"):
     dropped: int = 0  # blocks of an ended epoch dropped before computing them
     discarded: int = 0  # blocks whose epoch ended while this stage computed them
     discarded_seconds: float = 0.0  # compute spent on those
-    messages: int = 0  # messages this stage sent for the request before this report (passes, results, rollbacks, reports)
+    messages: int = 0  # sent for the request before this report (passes, results, rollbacks, reports)
     bytes_sent: int = 0
 
 
