@@ -71,6 +71,8 @@ async def serve_command(args: argparse.Namespace) -> int:
         models = registered_models(args.model_dir)
         if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
             raise ValueError("--max-concurrent-requests must be at least 1")
+        if args.max_batch_size < 1:
+            raise ValueError("--max-batch-size must be at least 1")
         if args.max_queued_requests < 0 or args.queue_timeout <= 0:
             raise ValueError("--max-queued-requests must be at least 0 and --queue-timeout positive")
     except (ConfigError, ValueError) as exc:
@@ -84,7 +86,7 @@ async def serve_command(args: argparse.Namespace) -> int:
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
                 cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models,
                 max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
-                queue_timeout_s=args.queue_timeout)
+                queue_timeout_s=args.queue_timeout, max_batch_size=args.max_batch_size)
     try:
         async with anyio.create_task_group() as group:
             await group.start(node.cluster.run)

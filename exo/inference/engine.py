@@ -18,7 +18,7 @@ import numpy as np
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
-__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "HEAD_ROWS", "last_only", "ContextLengthError", "check_context",
+__all__ = ["InferenceEngine", "Shard", "LAST_POSITIONS", "HEAD_ROWS", "PASS", "last_only", "ContextLengthError", "check_context",
            "context_of"]
 
 # `inference_state` key: the last shard returns logits for only this many final positions
@@ -27,6 +27,9 @@ LAST_POSITIONS = "last_positions"
 # `inference_state` key: the last shard returns logits for only these vocabulary rows (an
 # `exo.inference.head_rows.HeadRows`, in its order), a draft model's restricted head. Absent = all.
 HEAD_ROWS = "head_rows"
+# Returned state key: the pass a call ran in (an `exo.inference.batching.PassRecord`: rows,
+# input positions over all of them, seconds), from engines that batch requests' calls.
+PASS = "pass"
 
 
 def last_only(n: int = 1) -> dict:
@@ -140,6 +143,10 @@ class InferenceEngine(ABC):
         """Hold caches for at most `capacity` requests and never evict a live one (`is_live`,
         read from the engine's worker thread, says which are; without it all are): the node
         sizes this from its admission limit. Engines without a bounded table ignore it."""
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """Run at most `max_batch` requests' calls in one pass (1: each call alone). Engines
+        that do not batch ignore it."""
 
     def close(self) -> None:
         """Release worker threads; call before the process exits."""

@@ -11,12 +11,16 @@ the loaded model and every request's KV cache (the thread-confinement rule of th
   global state is not thread-safe).
 
 A subclass supplies only what is its own: `_load_model` (weights), `_make_cache` (its
-`RequestCache`) and `_forward` (one pass at the cache's offset, advancing it).
+`RequestCache`) and `_forward` (one pass at the cache's offset, advancing it), and may
+supply `_forward_rows` (one pass over several requests' rows; by default they run one after
+the other). Forward calls go through a `StepBatcher` (exo/inference/batching.py): calls of
+different requests that wait at the same moment become one `_forward_rows`.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from abc import abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +29,9 @@ from typing import Any, Callable, ClassVar, Generic, Literal, TypeVar
 import anyio
 import numpy as np
 
+from exo.inference.batching import DEFAULT_MAX_BATCH, StepBatcher
 from exo.inference.cache_table import DEFAULT_CAPACITY, C, CacheTable
-from exo.inference.engine import HEAD_ROWS, LAST_POSITIONS, InferenceEngine, check_context
+from exo.inference.engine import HEAD_ROWS, LAST_POSITIONS, PASS, InferenceEngine, check_context
 from exo.inference.head_rows import HeadRows
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import load_tokenizer
@@ -49,10 +54,24 @@ def _worker(scope: WorkerScope, name: str) -> ThreadPoolExecutor:
         return _shared_workers[name]
 
 
+@dataclass(frozen=True)
+class StepRow:
+    """One request's input for a pass, as `infer_tensor` got it."""
+    request_id: str
+    x: np.ndarray
+    last_positions: int | None
+    head_rows: HeadRows | None
+
+    @property
+    def positions(self) -> int:
+        return int(self.x.shape[1]) if self.x.ndim >= 2 else 0
+
+
 class ThreadedEngine(InferenceEngine, Generic[C]):
     worker_scope: ClassVar[WorkerScope]
 
-    def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *, max_caches: int = DEFAULT_CAPACITY):
+    def __init__(self, model_dir_for: Callable[[str], Path] | None = None, *, max_caches: int = DEFAULT_CAPACITY,
+                 max_batch: int = DEFAULT_MAX_BATCH):
         """`model_dir_for(model_id)` returns a local model directory, fetching it if needed."""
         if model_dir_for is None:
             from exo.inference.sources import model_dir_for as default_resolver
@@ -62,6 +81,8 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
         self._closed = False
         self._load_lock = anyio.Lock()
         self._caches: CacheTable[C] = CacheTable(max_caches)
+        self.batcher: StepBatcher[StepRow, np.ndarray] = StepBatcher(
+            self._run_rows, lambda row: row.positions, lambda: len(self._caches), max_batch)
         self.model: Any = None  # the backend's model; its `max_context` bounds every request
         self.shard: Shard | None = None
         self.tokenizer: Any = None
@@ -81,6 +102,14 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
                  head_rows: HeadRows | None) -> np.ndarray:
         """Run checked input `x` at `cache.offset`, advance the cache by its length, return
         the output as numpy (on a last shard, only the `head_rows` columns of the logits)."""
+
+    def _forward_rows(self, rows: list[tuple[StepRow, C]]) -> list[np.ndarray]:
+        """Several requests' checked rows (distinct requests), each with its cache: one after
+        the other unless the backend can run them as one pass."""
+        return [self._forward(row.x, cache, row.last_positions, self._head(row)) for row, cache in rows]
+
+    def _head(self, row: StepRow) -> HeadRows | None:
+        return row.head_rows if self.shard.is_last_layer() else None
 
     # -- calls --------------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -110,16 +139,45 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
 
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """Run the request's input at its offset, in one pass with whichever other requests'
+        calls are waiting; the returned state adds `PASS`, the pass it ran in."""
         await self.ensure_shard(shard)
         state = inference_state or {}
         rows = state.get(HEAD_ROWS)
         rows = HeadRows.of(rows) if rows is not None else None
-        out = await self._run(self._infer, request_id, np.asarray(input_data), state.get(LAST_POSITIONS), rows)
-        return out, inference_state
+        out, record = await self.batcher.submit(StepRow(request_id, np.asarray(input_data),
+                                                        state.get(LAST_POSITIONS), rows))
+        return out, {**state, PASS: record}
 
-    def _infer(self, request_id: str, x: np.ndarray, last_positions: int | None,
-               head_rows: HeadRows | None = None) -> np.ndarray:
-        """Refuse a bad input before any cache exists for it, then run the backend's pass."""
+    def set_max_batch(self, max_batch: int) -> None:
+        self.batcher.set_max_size(max_batch)
+
+    async def _run_rows(self, rows: list[StepRow]) -> list[np.ndarray | Exception]:
+        return await self._run(self._infer_rows, rows)
+
+    def _infer_rows(self, rows: list[StepRow]) -> list[np.ndarray | Exception]:
+        """Check each row (a bad one fails alone, before any cache exists for it), then run the
+        good ones; a request with two rows here has them run in turn."""
+        outcomes: list[np.ndarray | Exception | None] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        while todo:
+            seen: set[str] = set()
+            wave = [i for i in todo if not (rows[i].request_id in seen or seen.add(rows[i].request_id))]
+            todo = [i for i in todo if i not in wave]
+            ready = []
+            for i in wave:
+                try:
+                    ready.append((i, self._checked_cache(rows[i])))
+                except Exception as exc:  # noqa: BLE001 - reported to that row's caller
+                    outcomes[i] = exc
+            if ready:
+                for (i, _), out in zip(ready, self._forward_rows([(rows[i], cache) for i, cache in ready])):
+                    outcomes[i] = out
+        return outcomes  # type: ignore[return-value]
+
+    def _checked_cache(self, row: StepRow) -> C:
+        """The row's cache once its input is known good (refused inputs create none)."""
+        x = row.x
         if self.shard.is_first_layer():
             if x.ndim != 2:
                 raise ValueError(f"first shard expects token ids (1, T), got shape {x.shape}")
@@ -127,9 +185,8 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
             raise ValueError(f"shard expects hidden states (1, T, D), got shape {x.shape}")
         if x.shape[0] != 1:
             raise ValueError(f"the {self.name} engine runs batch size 1, got shape {x.shape}")
-        check_context(self.model.max_context, self._caches.offset(request_id), x.shape[1])
-        cache = self._caches.get_or_create(request_id, self._make_cache)
-        return self._forward(x, cache, last_positions, head_rows if self.shard.is_last_layer() else None)
+        check_context(self.model.max_context, self._caches.offset(row.request_id), x.shape[1])
+        return self._caches.get_or_create(row.request_id, self._make_cache)
 
     # -- caches ---------------------------------------------------------------------------------
     def set_cache_policy(self, capacity: int, is_live: Callable[[str], bool] | None = None) -> None:

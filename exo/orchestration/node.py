@@ -25,6 +25,7 @@ import anyio
 import msgspec
 import numpy as np
 
+from exo.inference.batching import DEFAULT_MAX_BATCH
 from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTableFull
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
@@ -70,10 +71,12 @@ class Node:
                  cluster: Callable[[InferenceEngine, EventBus], Cluster] | None = None,
                  pass_timeout_s: float = 60.0, draft_node: str | None = None,
                  max_concurrent_requests: int | None = None, max_queued_requests: int = 64,
-                 queue_timeout_s: float = 60.0, models: ModelRegistry | None = None):
+                 queue_timeout_s: float = 60.0, models: ModelRegistry | None = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH):
         """`max_concurrent_requests`: live requests at once (None: sized from free memory when
         a model loads, see `admission.max_live_from_memory`); more wait, up to
-        `max_queued_requests` of them and `queue_timeout_s` each."""
+        `max_queued_requests` of them and `queue_timeout_s` each. `max_batch_size`: requests
+        whose steps share one forward pass per engine (1: none do)."""
         self.id = node_id
         # What clients may name: the cards, the operator's own default and draft, and `models`.
         self.models = models or ModelRegistry()
@@ -87,6 +90,7 @@ class Node:
         self.default_temperature = default_temperature
         self.events = EventBus()
         self.engine = SpeculativeInferenceEngine(*engine_pair(), config, events=self.events, node_id=node_id)
+        self.engine.set_max_batch(max_batch_size)
         self.buffered_token_output: dict[str, tuple[list[int], bool]] = {}
         self.on_token: list[TokenCallback] = []
         self.on_opaque_status: list[StatusCallback] = []

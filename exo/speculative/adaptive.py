@@ -19,6 +19,13 @@ time twice. The scheduler then also reports each block's *cycle*, the wall time 
 consecutive verdicts, and the ratio cycle / (draft + verify), measured per block, scales
 every speculative cost. It is whatever the hardware gives: about max/sum with real
 overlap, about 1/2 when two threads share the cores, 1 without overlap.
+
+When the engine batches requests (exo/inference/batching.py) a verify is one row of a pass
+over every waiting request's rows, and what this request pays is the whole pass. Target costs
+are therefore kept by the pass's total input positions, and a block of K drafts is priced as
+a pass over the other rows' positions (their windowed median, as this request's last passes
+saw them) plus its own K + 1. Alone that is the block's own length, as before; in a large
+batch, where each extra position costs nearly its full compute, K shrinks by itself.
 """
 
 from __future__ import annotations
@@ -88,7 +95,8 @@ class AdaptiveK:
         self.acceptance = [DecayedRate() for _ in range(max_depth)]
         self.window = window
         self.draft_step = WindowedMedian(window)  # seconds per draft forward step
-        self.verify: dict[int, WindowedMedian] = {}  # input length -> target seconds
+        self.verify: dict[int, WindowedMedian] = {}  # pass positions (all rows) -> target seconds
+        self.others = WindowedMedian(window)  # positions of the other rows in this request's passes
         # Lengths seen once: the first pass at a new length allocates (and on some backends
         # compiles), and a K that looks dear is never chosen again to correct it, so that
         # first sample is not kept (measured: one slow warm-up verify held K at 1 for good).
@@ -101,10 +109,12 @@ class AdaptiveK:
         self._deeper_probe_at = 0  # the step of the last block drafted one deeper than the best K
 
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float,
-                draft_steps: int | None = None, cycle_s: float | None = None) -> None:
+                draft_steps: int | None = None, cycle_s: float | None = None,
+                pass_positions: int | None = None) -> None:
         """Learn from one verified block: `draft_s` covers `draft_steps` draft forwards
         (default `k`; one more when the confidence cut drafted a token it then dropped);
-        `cycle_s`, from a scheduler that overlaps the two, is the block's wall time."""
+        `cycle_s`, from a scheduler that overlaps the two, is the block's wall time;
+        `pass_positions`, the input positions of the whole pass it was verified in (None: its own)."""
         self.steps += 1
         for i in range(min(k, accepted + 1)):
             if not self.acceptance[i].observed:
@@ -119,21 +129,23 @@ class AdaptiveK:
             self.since_speculation += 1
         if steps:
             self.draft_step.update(draft_s / steps)
-        self._observe_length(k + 1, verify_s)
+        self._observe_length(k + 1, verify_s, pass_positions)
         if k and cycle_s is not None and draft_s + verify_s > 0:
             self.overlap.update(cycle_s / (draft_s + verify_s))
 
-    def observe_verify(self, length: int, verify_s: float) -> None:
+    def observe_verify(self, length: int, verify_s: float, pass_positions: int | None = None) -> None:
         """Learn from a block another drafter proposed: only the target's cost per input
         length carries over; the model's acceptance and step cost are not in it."""
         self.steps += 1
-        self._observe_length(length, verify_s)
+        self._observe_length(length, verify_s, pass_positions)
 
-    def _observe_length(self, length: int, verify_s: float) -> None:
-        if length not in self._first_seen:
-            self._first_seen.add(length)
+    def _observe_length(self, length: int, verify_s: float, pass_positions: int | None = None) -> None:
+        total = max(pass_positions or length, length)
+        self.others.update(total - length)
+        if total not in self._first_seen:
+            self._first_seen.add(total)
             return
-        self.verify.setdefault(length, WindowedMedian(self.window)).update(verify_s)
+        self.verify.setdefault(total, WindowedMedian(self.window)).update(verify_s)
 
     def observe_prompt_pass(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
@@ -159,7 +171,12 @@ class AdaptiveK:
         return PRIOR_ACCEPTANCE
 
     def verify_cost(self, length: int) -> float | None:
-        """Target seconds for `length` tokens: measured, else interpolated, else extrapolated."""
+        """Target seconds for a block of `length` tokens, in a pass beside the other rows."""
+        return self.pass_cost(length + round(self.others.value or 0.0))
+
+    def pass_cost(self, length: int) -> float | None:
+        """Target seconds for a pass over `length` positions: measured, else interpolated, else
+        extrapolated."""
         known = sorted((n, m.value) for n, m in self.verify.items() if m.value is not None)
         if not known:
             return None

@@ -96,6 +96,10 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.target.set_cache_policy(capacity, is_live)
         self.draft.set_cache_policy(capacity, is_live)
 
+    def set_max_batch(self, max_batch: int) -> None:
+        self.target.set_max_batch(max_batch)
+        self.draft.set_max_batch(max_batch)
+
     def close(self) -> None:
         self.target.close()
         self.draft.close()

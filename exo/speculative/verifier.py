@@ -7,12 +7,13 @@ target's logits, so it can run wherever the target's last layers are: in this pr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from exo.inference.engine import InferenceEngine, last_only
+from exo.inference.engine import PASS, InferenceEngine, last_only
 from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob, token_logprobs
 from exo.inference.sampling import sample, warp
@@ -30,6 +31,7 @@ class Verdict:
     kept: int  # tokens in the target's KV cache after rollback
     deferred: bool = False  # the target row for the next position is held back (see BlockJudge)
     logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the request asked
+    pass_positions: int | None = None  # input positions of the whole (batched) pass; None: its own
 
     @property
     def diverged(self) -> bool:
@@ -138,14 +140,16 @@ class TargetVerifier:
         held = self.engine.cache_offset(self.request_id)
         if held != expected:
             raise KVRollbackError(f"target cache of {self.request_id!r} holds {held} tokens, expected {expected}")
-        logits = None
+        logits, ran = None, None
         if block.tokens or not pending:
             inputs = block_inputs(committed, block.tokens, pending)
-            out, _ = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([inputs]),
-                                                    last_only(len(inputs)))
-            logits = out[0]
+            out, state = await self.engine.infer_tensor(self.request_id, self.shard, np.asarray([inputs]),
+                                                        last_only(len(inputs)))
+            logits, ran = out[0], (state or {}).get(PASS)
         verdict = self.judge.judge(logits, len(committed), block.tokens, block.probs, rng, defer_bonus)
         rollback_to(self.engine, self.request_id, verdict.kept)
+        if ran is not None:
+            verdict = dataclasses.replace(verdict, pass_positions=ran.positions)
         return verdict
 
     async def submit(self, committed: list[int], block: DraftBlock, defer_bonus: bool = False) -> int:

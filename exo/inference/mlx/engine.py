@@ -26,7 +26,7 @@ from exo.inference.cache_table import DEFAULT_CAPACITY
 from exo.inference.head_rows import HeadRows
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
-from exo.inference.threaded import ThreadedEngine
+from exo.inference.threaded import StepRow, ThreadedEngine
 
 log = logging.getLogger("exo.mlx")
 
@@ -71,11 +71,11 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         super().__init__(model_dir_for, max_caches=max_caches)
         self._dtype = getattr(mx, dtype) if dtype else None
         # The last restricted head asked for and its gathered weight (a draft uses one subset).
-        self._head: tuple[HeadRows, mx.array, mx.array | None] | None = None  # rows, their ids, weight
+        self._head_cache: tuple[HeadRows, mx.array, mx.array | None] | None = None  # rows, their ids, weight
         _live_engines.add(self)
 
     def _load_model(self, shard: Shard, model_dir: Path) -> ShardedModel:
-        self._head = None  # gathered from the weights being replaced
+        self._head_cache = None  # gathered from the weights being replaced
         config = json.loads((model_dir / "config.json").read_text())
         model = ShardedModel(config, shard)
         weights: dict[str, mx.array] = {}
@@ -99,27 +99,31 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
 
     def _head_for(self, rows: HeadRows) -> tuple[mx.array, mx.array | None]:
         """The rows' token ids and gathered head weight (None: a quantized head), kept for the next call."""
-        if self._head is None or self._head[0] != rows:
+        if self._head_cache is None or self._head_cache[0] != rows:
             ids = mx.array(rows.ids().astype(np.int32))
-            self._head = (rows, ids, self.model.head_weight(ids))
-        return self._head[1], self._head[2]
+            self._head_cache = (rows, ids, self.model.head_weight(ids))
+        return self._head_cache[1], self._head_cache[2]
 
     def _release(self) -> None:
         super()._release()
-        self._head = None
+        self._head_cache = None
 
     def _make_cache(self) -> LayerCaches:
         return LayerCaches(self.model.make_cache())
 
     def _forward(self, x: np.ndarray, cache: LayerCaches, last_positions: int | None,
                  head_rows: HeadRows | None) -> np.ndarray:
-        if self.shard.is_first_layer():
-            inputs = mx.array(x.astype(np.int32))
-        else:
-            inputs = mx.array(x, dtype=self._dtype or mx.float32)
-        ids, head = self._head_for(head_rows) if head_rows is not None else (None, None)
-        out = self.model(inputs, cache.layers, last_positions, head)
-        if ids is not None and head is None:  # a quantized head: all rows, then these columns
-            out = mx.take(out, ids, axis=-1)
-        mx.eval(out)
-        return np.array(out.astype(mx.float32), copy=False)
+        return self._forward_rows([(StepRow("", x, last_positions, head_rows), cache)])[0]
+
+    def _forward_rows(self, rows: list[tuple[StepRow, LayerCaches]]) -> list[np.ndarray]:
+        """All rows in one packed pass (`ShardedModel.packed`), each in its own cache."""
+        inputs = [mx.array(row.x.astype(np.int32)) if self.shard.is_first_layer()
+                  else mx.array(row.x, dtype=self._dtype or mx.float32) for row, _ in rows]
+        heads = [self._head_for(head) if (head := self._head(row)) is not None else (None, None) for row, _ in rows]
+        outs = self.model.packed(inputs, [cache.layers for _, cache in rows], [row.last_positions for row, _ in rows],
+                                 [weight for _, weight in heads])
+        # A quantized head gives every column: keep the rows' own.
+        outs = [mx.take(out, ids, axis=-1) if ids is not None and weight is None else out
+                for out, (ids, weight) in zip(outs, heads)]
+        mx.eval(outs)
+        return [np.array(out.astype(mx.float32), copy=False) for out in outs]

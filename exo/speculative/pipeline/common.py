@@ -125,10 +125,10 @@ class SpeculativeRequest:
         if block.catch_up_tokens:
             self.controller.observe_catch_up(block.catch_up_tokens, block.catch_up_seconds)
         if block.k and block.drafter != "model":
-            self.controller.observe_verify(block.k + 1, verify_s)
+            self.controller.observe_verify(block.k + 1, verify_s, verdict.pass_positions)
         else:
             self.controller.observe(block.k, verdict.accepted, draft_s - block.catch_up_seconds, verify_s,
-                                    block.steps, cycle_s)
+                                    block.steps, cycle_s, verdict.pass_positions)
         cut = len(emitted) < len(verdict.emitted)
         drafted = min(block.k, len(emitted)) if cut else block.k
         self.metrics.record_step(drafted, min(verdict.accepted, len(emitted)), len(emitted), draft_s, verify_s,
