@@ -50,6 +50,7 @@ class BlasChoice:
     name: str  # "small-gemm+openblas", "openblas", "blis", "bundled" or "accelerate"
     path: str | None
     message: str
+    kernel: str | None = None  # exo's few-row kernel, when it is in front
 
 
 _choice: BlasChoice | None = None
@@ -83,7 +84,7 @@ def select_blas(preference: str | None = None) -> BlasChoice:
                 kernel, note = small_gemm_library()
                 if kernel is not None and _load_in_front(kernel, path):
                     _choice = BlasChoice("small-gemm+openblas", path, f"MLX CPU backend uses exo's few-row "
-                                         f"kernel ({kernel}) over openblas ({path})")
+                                         f"kernel ({kernel}) over openblas ({path})", str(kernel))
                     return _choice
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -96,6 +97,16 @@ def select_blas(preference: str | None = None) -> BlasChoice:
         "bundled", None, f"no optimised BLAS found; MLX runs ~3x slower. Fix: {FIX_HINT}"
     )
     return _choice
+
+
+def row_exact_rows() -> int | None:
+    """Matrix products of at most this many rows compute every row exactly as they would
+    compute it alone (exo's few-row kernel reduces each row on its own); None where no such
+    bound is known. Batching packs rows within it, so a batched row equals its solo run."""
+    choice = select_blas()
+    if choice.kernel is None:
+        return None
+    return int(ctypes.CDLL(choice.kernel).exo_small_gemm_rows())
 
 
 SMALL_GEMM_SOURCE = Path(__file__).parent / "native" / "small_gemm.c"

@@ -70,6 +70,7 @@ class StepBatcher(Generic[I, R]):
         self.last: PassRecord | None = None
         self.passes = 0
         self.batched_rows = 0  # rows that shared a pass with at least one other
+        self.most_rows = 0  # the largest pass so far
 
     def set_max_size(self, max_size: int) -> None:
         if max_size < 1:
@@ -122,6 +123,7 @@ class StepBatcher(Generic[I, R]):
     def _finish(self, batch: list[_Call[I, R]], outcomes: list, started: float) -> None:
         record = PassRecord(len(batch), sum(self._size(c.item) for c in batch), time.perf_counter() - started)
         self.last, self.passes = record, self.passes + 1
+        self.most_rows = max(self.most_rows, record.rows)
         if len(batch) > 1:
             self.batched_rows += len(batch)
         for c, outcome in zip(batch, outcomes):

@@ -21,11 +21,14 @@ every speculative cost. It is whatever the hardware gives: about max/sum with re
 overlap, about 1/2 when two threads share the cores, 1 without overlap.
 
 When the engine batches requests (exo/inference/batching.py) a verify is one row of a pass
-over every waiting request's rows, and what this request pays is the whole pass. Target costs
-are therefore kept by the pass's total input positions, and a block of K drafts is priced as
-a pass over the other rows' positions (their windowed median, as this request's last passes
-saw them) plus its own K + 1. Alone that is the block's own length, as before; in a large
-batch, where each extra position costs nearly its full compute, K shrinks by itself.
+over every waiting request's rows. Target costs are therefore kept by the pass's total input
+positions, and a block of L = K + 1 tokens is charged its share of a pass over the other
+rows' positions (their windowed median, as this request's last passes saw them) plus its
+own: pass(others + L) * L / (others + L). What batching is for is the batch's throughput,
+and a row that adds positions slows every row of the pass, not just its own. Alone the share
+is the whole pass, as before. Where a pass is bound by reading the weights, the price per
+position falls as the batch grows and K stays; where it is bound by compute (a large batch
+on a CPU), it stops falling and tokens per position decide, so K shrinks towards plain steps.
 """
 
 from __future__ import annotations
@@ -171,8 +174,11 @@ class AdaptiveK:
         return PRIOR_ACCEPTANCE
 
     def verify_cost(self, length: int) -> float | None:
-        """Target seconds for a block of `length` tokens, in a pass beside the other rows."""
-        return self.pass_cost(length + round(self.others.value or 0.0))
+        """Target seconds charged to a block of `length` tokens: its share, by positions, of a
+        pass beside the other rows (the whole pass when alone)."""
+        total = length + round(self.others.value or 0.0)
+        cost = self.pass_cost(total)
+        return None if cost is None else cost * length / total
 
     def pass_cost(self, length: int) -> float | None:
         """Target seconds for a pass over `length` positions: measured, else interpolated, else

@@ -24,6 +24,8 @@ from mlx_lm.models.cache import KVCache
 
 from exo.inference.cache_table import DEFAULT_CAPACITY
 from exo.inference.head_rows import HeadRows
+from exo.blas import row_exact_rows
+from exo.inference.mlx.packed import exact_groups
 from exo.inference.mlx.sharded_model import ShardedModel
 from exo.inference.shard import Shard
 from exo.inference.threaded import StepRow, ThreadedEngine
@@ -72,6 +74,7 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         self._dtype = getattr(mx, dtype) if dtype else None
         # The last restricted head asked for and its gathered weight (a draft uses one subset).
         self._head_cache: tuple[HeadRows, mx.array, mx.array | None] | None = None  # rows, their ids, weight
+        self._exact_rows = row_exact_rows()
         _live_engines.add(self)
 
     def _load_model(self, shard: Shard, model_dir: Path) -> ShardedModel:
@@ -116,14 +119,18 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         return self._forward_rows([(StepRow("", x, last_positions, head_rows), cache)])[0]
 
     def _forward_rows(self, rows: list[tuple[StepRow, LayerCaches]]) -> list[np.ndarray]:
-        """All rows in one packed pass (`ShardedModel.packed`), each in its own cache."""
+        """The rows in packed passes (`ShardedModel.packed`), each in its own cache, grouped so
+        that each row computes exactly what it would alone (`packed.exact_groups`)."""
         inputs = [mx.array(row.x.astype(np.int32)) if self.shard.is_first_layer()
                   else mx.array(row.x, dtype=self._dtype or mx.float32) for row, _ in rows]
         heads = [self._head_for(head) if (head := self._head(row)) is not None else (None, None) for row, _ in rows]
-        outs = self.model.packed(inputs, [cache.layers for _, cache in rows], [row.last_positions for row, _ in rows],
-                                 [weight for _, weight in heads])
-        # A quantized head gives every column: keep the rows' own.
-        outs = [mx.take(out, ids, axis=-1) if ids is not None and weight is None else out
-                for out, (ids, weight) in zip(outs, heads)]
+        outs: list[mx.array | None] = [None] * len(rows)
+        for group in exact_groups([row.positions for row, _ in rows], self._exact_rows):
+            packed = self.model.packed([inputs[i] for i in group], [rows[i][1].layers for i in group],
+                                       [rows[i][0].last_positions for i in group], [heads[i][1] for i in group])
+            for i, out in zip(group, packed):
+                ids, weight = heads[i]
+                # A quantized head gives every column: keep the row's own.
+                outs[i] = mx.take(out, ids, axis=-1) if ids is not None and weight is None else out
         mx.eval(outs)
         return [np.array(out.astype(mx.float32), copy=False) for out in outs]

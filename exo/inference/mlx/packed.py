@@ -5,7 +5,10 @@ weight matrix is read once per pass for all of them; only attention, the one par
 reads a request's own cache, runs row by row (with that row's offset, its causal mask and
 nothing of the others). Nothing is padded and no row can see another's keys, so a row's
 numbers are those of the same row run alone wherever the matrix products are computed row
-by row (exo's few-row kernel does; see exo/native/small_gemm.c).
+by row: exo's few-row kernel does, up to `exo.blas.row_exact_rows()` rows, so
+`exact_groups` packs rows within that bound and runs a longer one (a prompt) by itself, as
+it would run alone. Where no bound is known (another BLAS, Apple's GPU) every row is packed
+into one pass and may round differently from its solo run, within float32 rounding.
 
 Written against mlx-lm's llama/qwen2 blocks: `self_attn` with q/k/v/o projections, `rope`,
 `n_heads`, `n_kv_heads`, `scale`; `mlp`; the two RMS norms.
@@ -17,6 +20,28 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
+
+
+def exact_groups(lengths: list[int], limit: int | None) -> list[list[int]]:
+    """Rows (by index, in order) packed into passes of at most `limit` positions; a row longer
+    than `limit` alone. `limit` None: one pass for all."""
+    if limit is None:
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if length > limit:
+            groups.append([index])
+            continue
+        if used + length > limit:
+            groups.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    if current:
+        groups.append(current)
+    return groups
 
 
 def causal_masks(lengths: list[int], offsets: list[int]) -> list[mx.array | None]:
