@@ -332,6 +332,9 @@ def test_more_clients_than_the_bound_all_finish_as_alone(batched_api):
     batched_before = batcher.batched_rows
     assert run_clients(url, CLIENTS) == solo
     assert batcher.most_rows == 2 and batcher.batched_rows > batched_before
+    stats = httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["batching"]["target"]
+    assert stats["max_batch_size"] == 2 and stats["most_rows"] == 2 and stats["batched_rows"] == batcher.batched_rows
+    assert 'exo_engine_batched_rows_total{engine="target"}' in httpx.get(f"{url}/metrics", timeout=10).text
 
 
 def test_a_client_leaving_mid_batch_frees_only_its_row(batched_api):

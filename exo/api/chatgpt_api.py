@@ -124,8 +124,11 @@ class ChatGPTAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics(self, request: Request) -> Response:
-        engines = {"target": self.node.engine.target.name, "draft": self.node.engine.draft.name}
-        return _json_response({"node_id": self.node.id, "engines": engines, "totals": self.node.engine.get_metrics(),
+        engine = self.node.engine
+        engines = {"target": engine.target.name, "draft": engine.draft.name}
+        batching = {"target": engine.target.batch_stats(), "draft": engine.draft.batch_stats()}
+        return _json_response({"node_id": self.node.id, "engines": engines, "totals": engine.get_metrics(),
+                               "batching": batching,
                               "recent": list(self.node.recent), "cluster": self.node.cluster_metrics(),
                               "live_requests": self.node.live_requests(), "queued_requests": self.node.admission.queued})
 

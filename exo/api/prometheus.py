@@ -87,6 +87,14 @@ def node_families(node: "Node") -> list[Family]:
                     "Seconds each ring stage computed for requests scheduled here.")
     for stage in sorted(counts.ring_compute_seconds):
         stages.add(counts.ring_compute_seconds[stage], stage=str(stage))
+    passes = Family("exo_engine_passes_total", "counter", "Forward passes each engine ran (batched or not).")
+    shared = Family("exo_engine_batched_rows_total", "counter",
+                    "Calls that shared their forward pass with another request's.")
+    for role, engine in (("target", node.engine.target), ("draft", node.engine.draft)):
+        stats = engine.batch_stats()
+        if stats is not None:
+            passes.add(stats["passes"], engine=role)
+            shared.add(stats["batched_rows"], engine=role)
     return [
         Family("exo_node_info", "gauge", "This node (value always 1).").add(1, node_id=node.id),
         requests, rejected,
@@ -104,7 +112,7 @@ def node_families(node: "Node") -> list[Family]:
             counts.ring_passes),
         Family("exo_ring_pass_seconds_total", "counter", "Wall seconds of those ring passes.").add(
             counts.ring_wall_seconds),
-        stages,
+        stages, passes, shared,
     ]
 
 

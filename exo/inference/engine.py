@@ -148,5 +148,9 @@ class InferenceEngine(ABC):
         """Run at most `max_batch` requests' calls in one pass (1: each call alone). Engines
         that do not batch ignore it."""
 
+    def batch_stats(self) -> dict | None:
+        """Passes run, rows that shared one, the largest and the bound (None: no batching here)."""
+        return None
+
     def close(self) -> None:
         """Release worker threads; call before the process exits."""

@@ -152,6 +152,11 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
     def set_max_batch(self, max_batch: int) -> None:
         self.batcher.set_max_size(max_batch)
 
+    def batch_stats(self) -> dict | None:
+        b = self.batcher
+        return {"passes": b.passes, "batched_rows": b.batched_rows, "most_rows": b.most_rows,
+                "max_batch_size": b.max_size}
+
     async def _run_rows(self, rows: list[StepRow]) -> list[np.ndarray | Exception]:
         return await self._run(self._infer_rows, rows)
 
