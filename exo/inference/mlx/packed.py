@@ -16,9 +16,11 @@ Written against mlx-lm's llama/qwen2 blocks: `self_attn` with q/k/v/o projection
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 
 
@@ -44,30 +46,46 @@ def exact_groups(lengths: list[int], limit: int | None) -> list[list[int]]:
     return groups
 
 
-def causal_masks(lengths: list[int], offsets: list[int]) -> list[mx.array | None]:
-    """Each row's mask: none for one token, causal over its own cache for more."""
-    return [create_causal_mask(n, offset=o) if n > 1 else None for n, o in zip(lengths, offsets)]
+@dataclass(frozen=True)
+class PackedRows:
+    """Where each row sits in a packed pass, built once per pass for every layer."""
+    spans: list[tuple[int, int]]  # (first position in the pass, length) per row
+    positions: mx.array  # each packed position's place in its own row's sequence (int32)
+    masks: list[mx.array | None]  # per row: none for one token, causal over its own cache for more
+
+    @classmethod
+    def of(cls, lengths: list[int], offsets: list[int]) -> "PackedRows":
+        starts = np.cumsum([0, *lengths[:-1]]).tolist()
+        positions = np.concatenate([np.arange(o, o + n) for n, o in zip(lengths, offsets)]).astype(np.int32)
+        masks = [create_causal_mask(n, offset=o) if n > 1 else None for n, o in zip(lengths, offsets)]
+        return cls(list(zip(starts, lengths)), mx.array(positions), masks)
 
 
-def packed_block(block: Any, x: mx.array, lengths: list[int], caches: list[Any],
-                 masks: list[mx.array | None]) -> mx.array:
-    """`block`'s forward over packed rows `x` (1, sum(lengths), D); row i uses `caches[i]`."""
+def packed_block(block: Any, x: mx.array, rows: PackedRows, caches: list[Any]) -> mx.array:
+    """`block`'s forward over packed rows `x` (1, T, D); row i uses `caches[i]`.
+
+    Every position is laid out as a batch entry of its own, (T, heads, 1, head_dim), so one
+    rotary call places all of them at once (rope with one offset per batch entry, exactly as
+    it places a row's positions from the row's offset); each row then takes its slice as
+    (1, heads, length, head_dim) for its cache and its attention."""
     attn = block.self_attn
+    total = x.shape[1]
     normed = block.input_layernorm(x)
-    queries, keys, values = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
-    outputs, start = [], 0
-    for length, cache, mask in zip(lengths, caches, masks):
-        rows = slice(start, start + length)
-        q = queries[:, rows].reshape(1, length, attn.n_heads, -1).transpose(0, 2, 1, 3)
-        k = keys[:, rows].reshape(1, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = values[:, rows].reshape(1, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
+
+    def heads(projected: mx.array, n: int) -> mx.array:
+        return projected.reshape(total, 1, n, -1).transpose(0, 2, 1, 3)
+
+    queries = attn.rope(heads(attn.q_proj(normed), attn.n_heads), offset=rows.positions)
+    keys = attn.rope(heads(attn.k_proj(normed), attn.n_kv_heads), offset=rows.positions)
+    values = heads(attn.v_proj(normed), attn.n_kv_heads)
+    outputs = []
+    for (start, length), cache, mask in zip(rows.spans, caches, rows.masks):
+        span = slice(start, start + length)
+        q, k, v = (a[span].swapaxes(0, 2) for a in (queries, keys, values))
         k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-        outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
-        start += length
-    attended = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-    h = x + attn.o_proj(attended)
+        outputs.append(scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask))
+    attended = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    h = x + attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(1, total, -1))
     return h + block.mlp(block.post_attention_layernorm(h))
 
 

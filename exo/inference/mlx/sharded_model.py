@@ -18,7 +18,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 
 from exo.inference.engine import context_of
-from exo.inference.mlx.packed import causal_masks, packed_block, split_rows
+from exo.inference.mlx.packed import PackedRows, packed_block, split_rows
 from exo.inference.shard import Shard, place_checkpoint_key
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "mistral": llama}
@@ -79,12 +79,12 @@ class ShardedModel(nn.Module):
         states), row i at the offset of its own `caches[i]`; the outputs as `__call__` gives
         them for each row alone (see `packed.py`)."""
         lengths = [x.shape[1] for x in inputs]
-        masks = causal_masks(lengths, [cache[0].offset for cache in caches])
+        rows = PackedRows.of(lengths, [cache[0].offset for cache in caches])
         h = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs, axis=1)
         if self.shard.is_first_layer():
             h = self.embed_tokens(h)
         for index, layer in enumerate(self.layers):
-            h = packed_block(layer, h, lengths, [cache[index] for cache in caches], masks)
+            h = packed_block(layer, h, rows, [cache[index] for cache in caches])
         if not self.shard.is_last_layer():
             return split_rows(h, lengths, [None] * len(inputs))
         kept = split_rows(h, lengths, last_positions)
@@ -92,15 +92,16 @@ class ShardedModel(nn.Module):
         groups: dict[int, list[int]] = {}  # rows sharing one head get one product
         for row, head in enumerate(heads):
             groups.setdefault(id(head), []).append(row)
-        for rows in groups.values():
-            head = heads[rows[0]]
-            joined = self.norm(mx.concatenate([kept[r] for r in rows], axis=1) if len(rows) > 1 else kept[rows[0]])
+        for members in groups.values():
+            head = heads[members[0]]
+            joined = self.norm(mx.concatenate([kept[r] for r in members], axis=1) if len(members) > 1
+                               else kept[members[0]])
             if head is not None:
                 logits = joined @ head.T
             else:
                 logits = self.embed_tokens.as_linear(joined) if self.tied else self.lm_head(joined)
             start = 0
-            for r in rows:
+            for r in members:
                 outputs[r] = logits[:, start:start + kept[r].shape[1]]
                 start += kept[r].shape[1]
         return outputs  # type: ignore[return-value]
