@@ -20,8 +20,8 @@ different requests that wait at the same moment become one `_forward_rows`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from abc import abstractmethod
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Generic, Literal, TypeVar
@@ -166,8 +166,10 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
         outcomes: list[np.ndarray | Exception | None] = [None] * len(rows)
         todo = list(range(len(rows)))
         while todo:
-            seen: set[str] = set()
-            wave = [i for i in todo if not (rows[i].request_id in seen or seen.add(rows[i].request_id))]
+            firsts: dict[str, int] = {}  # each request's first row still to run
+            for i in todo:
+                firsts.setdefault(rows[i].request_id, i)
+            wave = list(firsts.values())
             todo = [i for i in todo if i not in wave]
             ready = []
             for i in wave:
