@@ -216,7 +216,8 @@ def test_pipelined_requests_survive_a_jittery_network(tmp_path, tiny_llama):
     accepted and the K = 0 block after it only samples the last stage's held row, skipping
     stage 0. Block n+1's rollback then leaves the last stage right after block n's and could
     reach stage 0 first: the last stage sends them in order and stage 0 applies them in order
-    (that buffering is also tested deterministically in test_networking.py)."""
+    (that buffering is also tested deterministically in test_networking.py). Three requests at
+    a time: the stages batch their blocks, and each still equals its single-node run."""
     model, draft = str(tiny_llama), str(make_slow_twin(tiny_llama, tmp_path / "slow-twin", 16))
     prompts = [f"{PROMPTS[i % 2]} {i}" for i in range(30)]
     with running_api(model, SpeculativeConfig(enabled=False, draft_model=draft)) as (url, _):
@@ -231,6 +232,7 @@ def test_pipelined_requests_survive_a_jittery_network(tmp_path, tiny_llama):
         assert_same(response.json(), expected)
     assert metrics["cluster"]["rejected_messages"] == 0
     assert sum(r["drafted_tokens"] for r in metrics["recent"]) > 0
+    assert metrics["batching"]["target"]["batched_rows"] > 0  # stage 0 ran requests' blocks together
 
 
 def test_a_ring_with_a_cluster_secret_serves_and_refuses_strangers(tmp_path, tiny_llama, tiny_llama_other):
