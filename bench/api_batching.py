@@ -15,7 +15,8 @@ problems; the same prompt for client i at every N).
 
 Per run: aggregate tokens/s (all completion tokens over the wall time from the first request
 to the last answer), each request's tokens/s (its tokens over its own time), and time to first
-token (p50 / p95 over the requests). Every answer's text is checked against the unbatched
+token (p50 / p95 over the requests), and the decode rate after the first token (each request's,
+summed). Every answer's text is checked against the unbatched
 server's for the same prompt and mode (greedy, so it must be equal). Writes
 bench/results/api_batching.json and .png.
 """
@@ -101,7 +102,8 @@ def one_request(client, model: str, prompt: str, mode: str, max_tokens: int, out
         if getattr(chunk, "usage", None):
             tokens = chunk.usage.completion_tokens
     ended = time.perf_counter()
-    out.update(started=started, ended=ended, ttft=(first or ended) - started, tokens=tokens, text="".join(text))
+    out.update(started=started, ended=ended, first=first or ended, ttft=(first or ended) - started, tokens=tokens,
+               text="".join(text))
 
 
 def run_clients(url: str, model: str, n: int, mode: str, max_tokens: int) -> dict:
@@ -121,6 +123,9 @@ def run_clients(url: str, model: str, n: int, mode: str, max_tokens: int) -> dic
     total = sum(r["tokens"] for r in results)
     return {"clients": n, "mode": mode, "wall_s": wall, "tokens": total, "aggregate_tps": total / wall,
             "per_request_tps": [r["tokens"] / (r["ended"] - r["started"]) for r in results],
+            # After the first token: the decode alone (prompt passes are compute-bound and gain
+            # little from batching), summed over requests that decode at the same time.
+            "decode_tps": sum((r["tokens"] - 1) / max(r["ended"] - r["first"], 1e-9) for r in results),
             "ttft_s": [r["ttft"] for r in results], "texts": [r["text"] for r in results]}
 
 
@@ -164,6 +169,7 @@ def summarise(rows: list[dict], batch: int) -> list[dict]:
                     "clients": n, "mode": mode, "batched": b != 1,
                     "aggregate_tps": median([r["aggregate_tps"] for r in cell]),
                     "per_request_tps": median([median(r["per_request_tps"]) for r in cell]),
+                    "decode_tps": median([r["decode_tps"] for r in cell]),
                     "ttft_p50_s": median([percentile(r["ttft_s"], 0.5) for r in cell]),
                     "ttft_p95_s": median([percentile(r["ttft_s"], 0.95) for r in cell]),
                     "identical_to_unbatched": all(r["texts"] == reference for r in cell) if reference else None,
@@ -181,11 +187,12 @@ def summarise(rows: list[dict], batch: int) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| clients | mode | batched | aggregate tok/s | per request tok/s | TTFT p50 / p95 s | "
-             "x unbatched (same mode) | equal texts |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | mode | batched | aggregate tok/s | decode tok/s | per request tok/s | TTFT p50 / p95 s | "
+             "x unbatched (same mode) | equal texts |", "|---|---|---|---|---|---|---|---|---|"]
     for e in table:
         ratio = f"{e['vs_unbatched_same_mode']:.2f}" if e["vs_unbatched_same_mode"] else "-"
         lines.append(f"| {e['clients']} | {e['mode']} | {'yes' if e['batched'] else 'no'} | {e['aggregate_tps']:.2f} | "
+                     f"{e['decode_tps']:.2f} | "
                      f"{e['per_request_tps']:.2f} | {e['ttft_p50_s']:.2f} / {e['ttft_p95_s']:.2f} | {ratio} | "
                      f"{e['identical_to_unbatched']} |")
     return "\n".join(lines)
