@@ -346,3 +346,22 @@ def test_a_client_leaving_mid_batch_frees_only_its_row(batched_api):
     while (node._active or node.engine.target._caches) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node._active == 0 and not node.engine.target._caches and not node.engine.draft._caches
+
+
+async def test_a_pass_holds_at_most_its_budget_of_positions_and_the_oldest_call_always():
+    passes = []
+
+    async def run(items):
+        passes.append([name for name, _ in items])
+        await anyio.sleep(0.03)
+        return [n for _, n in items]
+
+    batcher = StepBatcher(run, lambda item: item[1], lambda: 8, max_size=8)
+    batcher.budget = 10
+    async with anyio.create_task_group() as group:
+        group.start_soon(batcher.submit, ("first", 2))
+        await anyio.sleep(0.01)
+        for item in (("prompt", 40), ("a", 3), ("b", 4), ("c", 5)):
+            group.start_soon(batcher.submit, item)
+            await anyio.sleep(0.001)
+    assert passes == [["first"], ["prompt"], ["a", "b"], ["c"]]

@@ -14,6 +14,12 @@ pass and hands the lead to the oldest call still waiting. A leader that is cance
 finishes the pass it started (shielded: its partners' results are in it) and then raises; a
 waiting call that is cancelled just leaves the queue.
 
+A pass also holds at most `budget` input positions (the oldest call always goes, however
+long): the MLX engine sets it to the bound within which its products compute each row as
+alone, so a pass never mixes a long prompt with other rows. Several prompts then run one per
+pass and each request gets its first token as soon as its own prompt is through, as without
+batching, instead of all of them waiting for the sum.
+
 Before a pass the leader waits a little (`gather_fraction` of the last pass's duration) for
 the engine's other active requests, which are between two of their calls, to join: without
 it two groups of requests settle into alternate passes, each paying almost a full pass for
@@ -63,6 +69,7 @@ class StepBatcher(Generic[I, R]):
         the engine is serving now (the most that can join)."""
         self._run, self._size, self._active = run, size, active
         self.max_size = max_size
+        self.budget: int | None = None  # input positions a pass may hold (None: any)
         self.gather_fraction = gather_fraction
         self._waiting: list[_Call[I, R]] = []
         self._busy = False  # a leader holds the engine (or has been chosen and is waking)
@@ -108,7 +115,7 @@ class StepBatcher(Generic[I, R]):
             self._waiting.remove(call)
             self._hand_over()
             raise
-        batch, self._waiting = self._waiting[:self.max_size], self._waiting[self.max_size:]
+        batch = self._take()
         started = time.perf_counter()
         try:
             with anyio.CancelScope(shield=True):
@@ -119,6 +126,17 @@ class StepBatcher(Generic[I, R]):
                 self._finish(batch, outcomes, started)
                 raise
         self._finish(batch, outcomes, started)
+
+    def _take(self) -> list[_Call[I, R]]:
+        """The oldest waiting calls that fit the bounds, in order (the oldest always)."""
+        taken, positions = 0, 0
+        for c in self._waiting:
+            size = self._size(c.item)
+            if taken == self.max_size or (taken and self.budget is not None and positions + size > self.budget):
+                break
+            taken, positions = taken + 1, positions + size
+        batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        return batch
 
     def _finish(self, batch: list[_Call[I, R]], outcomes: list, started: float) -> None:
         record = PassRecord(len(batch), sum(self._size(c.item) for c in batch), time.perf_counter() - started)

@@ -75,6 +75,7 @@ class MLXInferenceEngine(ThreadedEngine[LayerCaches]):
         # The last restricted head asked for and its gathered weight (a draft uses one subset).
         self._head_cache: tuple[HeadRows, mx.array, mx.array | None] | None = None  # rows, their ids, weight
         self._exact_rows = row_exact_rows()
+        self.batcher.budget = self._exact_rows  # a pass is one exact group (see packed.exact_groups)
         _live_engines.add(self)
 
     def _load_model(self, shard: Shard, model_dir: Path) -> ShardedModel:
