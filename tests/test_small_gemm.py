@@ -28,6 +28,14 @@ def sgemm():
     return fn
 
 
+def product_bt(sgemm, a: np.ndarray, b: np.ndarray, alpha: float, beta: float, c: np.ndarray) -> np.ndarray:
+    """alpha a b^T + beta c, the product every nn.Linear asks for."""
+    out = np.array(c, dtype=np.float32, copy=True)
+    sgemm(ROW_MAJOR, NO_TRANS, TRANS, a.shape[0], b.shape[0], a.shape[1], alpha, a.ctypes.data, a.strides[0] // 4,
+          b.ctypes.data, b.strides[0] // 4, beta, out.ctypes.data, out.shape[1])
+    return out
+
+
 def padded(matrix: np.ndarray, extra: int) -> np.ndarray:
     """`matrix` inside a wider buffer: a leading dimension larger than the row."""
     out = np.full((matrix.shape[0], matrix.shape[1] + extra), 7.0, dtype=np.float32)
@@ -36,7 +44,8 @@ def padded(matrix: np.ndarray, extra: int) -> np.ndarray:
 
 
 SHAPES = [(1, 1, 1), (1, 7, 3), (2, 16, 8), (3, 17, 9), (5, 33, 15), (8, 64, 64), (13, 100, 37),
-          (32, 70, 129), (1, 4096, 896), (33, 40, 50), (300, 20, 30)]  # the last two go to OpenBLAS
+          (32, 70, 129), (1, 4096, 896), (33, 40, 50), (64, 30, 20), (65, 40, 50), (300, 20, 30)]
+# the last two go to OpenBLAS
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -88,3 +97,22 @@ def test_a_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     again, _ = small_gemm_library()
     assert again == first and again.stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]  # no scratch left behind
+
+
+@pytest.mark.parametrize("k,n", [(1536, 259), (896, 64), (37, 5), (8, 3), (5, 7)])
+def test_a_row_is_bitwise_the_same_in_every_product_up_to_the_bound(sgemm, k, n):
+    """Batching and verification rely on it: a row packed with others, at any place, must
+    come out exactly as it does alone (the decode step it reproduces)."""
+    bound = ctypes.CDLL(str(small_gemm_library()[0])).exo_small_gemm_rows()
+    assert bound == 64
+    rng = np.random.default_rng(k + n)
+    a = rng.standard_normal((bound, k)).astype(np.float32)
+    b = rng.standard_normal((n, k)).astype(np.float32)
+    for alpha, beta in ((1.0, 0.0), (0.5, 2.0)):
+        c = rng.standard_normal((bound, n)).astype(np.float32)
+        alone = np.concatenate([product_bt(sgemm, a[i:i + 1], b, alpha, beta, c[i:i + 1]) for i in range(bound)])
+        for rows in (2, 3, 4, 5, 7, 8, 13, 33, 64):
+            for start in sorted({0, bound - rows, (bound - rows) // 2}):
+                part = product_bt(sgemm, a[start:start + rows], b, alpha, beta, c[start:start + rows])
+                assert np.array_equal(part.view(np.uint32), alone[start:start + rows].view(np.uint32)), \
+                    f"{rows} rows from {start}, alpha {alpha} beta {beta}"
