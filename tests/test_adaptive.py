@@ -210,7 +210,10 @@ async def test_long_prompt_leaves_the_draft_step_cost_and_k_alone(make_speculati
     request = engine.last_request
     assert draft.inputs[0] == len(prompt) and max(draft.inputs[1:]) <= 2  # one prompt pass, then steps
     histogram = request.metrics.k_histogram
-    assert histogram.get(0, 0) == 0 and max(histogram) >= 6, histogram  # same-model draft: K goes deep
+    # A same-model draft: K grows past the configured 4 (deep sequentially, where costs are
+    # exact; pipelined, the one fake clock also moves with the target mid-draft, so the costs
+    # it learns, and how fast K grows, depend on how the two threads interleave).
+    assert histogram.get(0, 0) == 0 and max(histogram) >= (5 if pipelined else 6), histogram
     if not pipelined:  # sequentially the clock moves only with the model being timed: exact costs
         assert request.metrics.draft_prefill_time == pytest.approx(draft_step + draft_token * len(prompt))
         samples = request.controller.draft_step.samples

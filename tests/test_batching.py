@@ -14,7 +14,7 @@ import pytest
 from exo.inference.batching import StepBatcher
 from exo.inference.engine import PASS, last_only
 from exo.inference.generate import GenerationParams
-from exo.speculative.adaptive import AdaptiveK
+from exo.speculative.adaptive import AdaptiveK, WindowedMedian
 from exo.speculative.config import SpeculativeConfig
 from exo.speculative.kv import rollback_to
 from tests.helpers.api_server import running_api
@@ -258,6 +258,22 @@ async def test_concurrent_requests_equal_their_solo_runs(request, make_speculati
     assert [len(t) for t in solo] == [r[1] for r in REQUESTS]
 
 
+async def test_a_request_joining_busy_engines_expects_the_others_in_its_passes(make_speculative, tiny_llama):
+    engine = make_speculative(tiny_llama, draft_tokens=3)
+    shard = await engine.full_shard(str(tiny_llama))
+    params = GenerationParams(max_tokens=12, temperature=0.0)
+    async with engine.generate(shard, [1, 2, 3], params, request_id="first", eos_ids=frozenset()) as blocks:
+        await blocks.__anext__()  # its prompt is through: it holds a cache on the target
+        async with engine.generate(shard, [4, 5], params, request_id="second", eos_ids=frozenset()) as later:
+            assert engine.requests["second"].controller.others.value == 1
+            async for _ in later:
+                pass
+    async with engine.generate(shard, [4, 5], params, request_id="alone", eos_ids=frozenset()) as blocks:
+        assert engine.requests["alone"].controller.others.value is None
+        async for _ in blocks:
+            pass
+
+
 def test_k_shrinks_when_the_batched_pass_stops_being_cheap():
     """Pass cost flat up to 8 positions, then 0.1 s per position: alone the best K is deep,
     beside 20 other positions each extra draft costs nearly its full compute."""
@@ -276,6 +292,18 @@ def test_k_shrinks_when_the_batched_pass_stops_being_cheap():
     assert batched.verify_cost(1) == pytest.approx(cost(21) / 21)  # a row's share of the pass
     assert alone.best_k() >= 4
     assert batched.best_k() < alone.best_k()
+
+    # A new request inherits the costs measured alone; joining 20 others it prices its very
+    # first block beside them, alone as before, and its own passes overrule the prior.
+    joining, lone = AdaptiveK(max_depth=6, initial_k=3), AdaptiveK(max_depth=6, initial_k=3)
+    for fresh, others in ((joining, 20), (lone, 0)):
+        fresh.inherit_costs(alone)
+        fresh.verify.update({n: WindowedMedian(9, cost(n)) for n in range(1, 28)})
+        fresh.expect_others(others)
+    assert joining.best_k() < lone.best_k() == alone.best_k()
+    joining.observe_verify(7, cost(7), 7)
+    joining.expect_others(20)  # measured now: the prior does not come back
+    assert joining.others.value == 10
 
 
 # -- through the real API ------------------------------------------------------------------------

@@ -149,7 +149,8 @@ class InferenceEngine(ABC):
         that do not batch ignore it."""
 
     def batch_stats(self) -> dict | None:
-        """Passes run, rows that shared one, the largest and the bound (None: no batching here)."""
+        """Passes run, rows that shared one, the largest, the bound and the requests holding a
+        cache now (None: no batching here)."""
         return None
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
     def batch_stats(self) -> dict | None:
         b = self.batcher
         return {"passes": b.passes, "batched_rows": b.batched_rows, "most_rows": b.most_rows,
-                "max_batch_size": b.max_size}
+                "max_batch_size": b.max_size, "active": len(self._caches)}
 
     async def _run_rows(self, rows: list[StepRow]) -> list[np.ndarray | Exception]:
         return await self._run(self._infer_rows, rows)

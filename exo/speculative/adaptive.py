@@ -150,6 +150,14 @@ class AdaptiveK:
             return
         self.verify.setdefault(total, WindowedMedian(self.window)).update(verify_s)
 
+    def expect_others(self, positions: int) -> None:
+        """Before its first block a request knows only who else is decoding on the engine: each
+        of them adds at least one position to the passes it will share. Without this prior a
+        request joining a full batch prices its first blocks as if alone, drafts (and the
+        hybrid catches the draft up on the whole prompt) where plain steps pay more."""
+        if positions > 0 and not self.others.samples:
+            self.others = WindowedMedian(self.window, float(positions))
+
     def observe_prompt_pass(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
             self.prompt_pass.update(seconds / tokens)

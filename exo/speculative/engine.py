@@ -173,7 +173,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
             self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
             # A fixed K means K drafts every block: no confidence cut (only the budget caps it).
             config.acceptance_threshold if config.adaptive_speculation else 0.0,
-            self._controller(config, cost_key),
+            self._controller(config, cost_key, verifier is None),
             events=self.events, node_id=self.node_id,
             shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
             overlap_prefill=self.overlap_prefill, ring_window=config.ring_window,
@@ -205,10 +205,14 @@ class SpeculativeInferenceEngine(InferenceEngine):
             if request.controller.draft_step.value is not None:
                 self._costs[cost_key] = request.controller
 
-    def _controller(self, config: SpeculativeConfig, cost_key: tuple[bool, str, str, str]) -> AdaptiveK:
+    def _controller(self, config: SpeculativeConfig, cost_key: tuple[bool, str, str, str],
+                    local: bool) -> AdaptiveK:
         controller = AdaptiveK(config.max_speculation_depth, config.draft_tokens, config.adaptive_speculation)
         if cost_key in self._costs:
             controller.inherit_costs(self._costs[cost_key])
+        stats = self.target.batch_stats() if local else None
+        if stats is not None:  # the requests already decoding here share this one's passes
+            controller.expect_others(min(stats["active"], stats["max_batch_size"] - 1))
         return controller
 
     def get_metrics(self) -> dict:
