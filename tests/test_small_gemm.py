@@ -44,8 +44,8 @@ def padded(matrix: np.ndarray, extra: int) -> np.ndarray:
 
 
 SHAPES = [(1, 1, 1), (1, 7, 3), (2, 16, 8), (3, 17, 9), (5, 33, 15), (8, 64, 64), (13, 100, 37),
-          (32, 70, 129), (1, 4096, 896), (33, 40, 50), (64, 30, 20), (65, 40, 50), (300, 20, 30)]
-# the last two go to OpenBLAS
+          (32, 70, 129), (1, 4096, 896), (33, 40, 50), (64, 30, 20),
+          (65, 40, 50), (300, 20, 30)]  # the last two go to OpenBLAS
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)

@@ -131,8 +131,9 @@ typedef void (*tile_fn)(int, int, float, const float *, int, const float *, int,
                       float *c, int ldc) {                                                                       \
     tile(R, jn, k, alpha, a, lda, b, ldb, beta, c, ldc);                                                         \
   }
-TILE(1) TILE(2) TILE(3) TILE(4)
-static const tile_fn tiles[TILE_ROWS + 1] = {NULL, tile1, tile2, tile3, tile4};
+TILE(2) TILE(3) TILE(4)
+/* Indexed by a tile's rows: gemm_bt splits 3+ rows evenly, so a tile has 2-4 of them. */
+static const tile_fn tiles[TILE_ROWS + 1] = {NULL, NULL, tile2, tile3, tile4};
 
 /* C = alpha A B^T + beta C, A (m x k) contiguous rows, B (n x k): each row of B read once,
  * kept in L1/L2 while every tile of rows passes over it. */
