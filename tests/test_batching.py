@@ -128,6 +128,83 @@ async def test_a_cancelled_waiting_call_leaves_and_a_cancelled_leader_finishes_i
     assert results[6] == 60 and passes == [[5], [6]]
 
 
+async def test_a_follower_cancelled_inside_its_pass_gets_the_cancellation_and_nothing_else():
+    """The pass runs shielded for its partners; the cancelled follower raises only its
+    cancellation (once a ValueError from removing it from a queue it had already left)."""
+    batcher, passes = recording_batcher(pass_s=0.2)
+    results, raised = {}, []
+
+    async def call(i):
+        results[i] = (await batcher.submit(i))[0]
+
+    follower = anyio.CancelScope()
+
+    async def cancellable(i):
+        try:
+            with follower:
+                await call(i)
+        except BaseException as exc:  # recorded: the test asserts nothing but a cancellation ends it
+            raised.append(exc)
+            raise
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, 0)  # leads the first pass
+        await anyio.sleep(0.02)
+        group.start_soon(call, 2)  # leads the second pass
+        await anyio.sleep(0.01)
+        group.start_soon(cancellable, 1)  # follows in it
+        await anyio.sleep(0.25)
+        assert passes[-1] == [2, 1]
+        follower.cancel()
+    assert follower.cancelled_caught and not raised
+    assert results == {0: 0, 2: 20} and passes == [[0], [2, 1]]
+    assert not batcher._waiting and not batcher._busy
+
+
+async def test_a_cancel_fuzz_gives_every_call_its_own_result_or_a_cancellation():
+    """40 clients submit calls in a loop and are cancelled at random moments (waiting, leading,
+    or riding in a pass): every call ends with its own result or a cancellation, no call runs
+    twice, no pass breaks the bounds, and the batcher ends idle."""
+    rng = np.random.default_rng(7)
+    ran: list[str] = []
+    passes: list[list[str]] = []
+
+    async def run(items):
+        passes.append(list(items))
+        ran.extend(items)
+        await anyio.sleep(float(rng.uniform(0.001, 0.01)))
+        return [f"out-{item}" for item in items]
+
+    batcher = StepBatcher(run, lambda item: int(item.split("-")[2]), lambda: 40, max_size=6)
+    batcher.budget = 12
+    outcomes: dict[str, str] = {}
+
+    async def client(c: int) -> None:
+        for k in range(15):
+            item = f"{c}-{k}-{int(rng.integers(1, 5))}"
+            with anyio.CancelScope() as scope:
+                scope.deadline = anyio.current_time() + float(rng.exponential(0.02))
+                result, record = await batcher.submit(item)
+                assert result == f"out-{item}" and record.rows <= 6
+                outcomes[item] = "result"
+            if scope.cancelled_caught:
+                outcomes[item] = "cancelled"
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for c in range(40):
+                group.start_soon(client, c)
+    assert len(outcomes) == 40 * 15
+    assert len(ran) == len(set(ran))  # nothing ran twice
+    assert all(outcomes[item] == "result" for item in ran if item in outcomes and outcomes[item] == "result")
+    assert {item for item, how in outcomes.items() if how == "result"} <= set(ran)
+    assert all(len(p) <= 6 and (len(p) == 1 or sum(int(i.split("-")[2]) for i in p) <= 12) for p in passes)
+    cancelled = sum(how == "cancelled" for how in outcomes.values())
+    in_pass = sum(1 for item in ran if outcomes[item] == "cancelled")
+    assert cancelled > 50 and in_pass > 5, (cancelled, in_pass)  # both kinds of cancellation happened
+    assert not batcher._waiting and not batcher._busy
+
+
 async def test_the_leader_waits_a_little_for_active_requests_between_calls():
     batcher, passes = recording_batcher(active=lambda: 3, pass_s=0.2)
     await batcher.submit(9)  # a pass on record: the gather window is a fraction of it

@@ -12,7 +12,8 @@ oldest waiting calls (at most `max_size`, so with more requests than that they t
 arrival order and none waits more than ceil(waiting / max_size) passes), runs them in one
 pass and hands the lead to the oldest call still waiting. A leader that is cancelled still
 finishes the pass it started (shielded: its partners' results are in it) and then raises; a
-waiting call that is cancelled just leaves the queue.
+waiting call that is cancelled just leaves the queue, and a follower cancelled while its row
+is in a running pass gets its cancellation at once (the pass finishes without it).
 
 A pass also holds at most `budget` input positions (the oldest call always goes, however
 long): the MLX engine sets it to the bound within which its products compute each row as
@@ -46,6 +47,7 @@ class _Call(Generic[I, R]):
     item: I
     wake: anyio.Event = field(default_factory=anyio.Event)
     lead: bool = False  # woken to run the next pass, not with a result
+    taken: bool = False  # in a pass (shielded): it runs whether or not its caller still waits
     done: bool = False
     result: R | None = None
     error: BaseException | None = None
@@ -93,10 +95,7 @@ class StepBatcher(Generic[I, R]):
             try:
                 await call.wake.wait()
             except BaseException:
-                if not call.done:
-                    self._waiting.remove(call)
-                    if call.lead:
-                        self._hand_over()
+                self._leave(call)
                 raise
         else:
             self._busy = True
@@ -112,8 +111,7 @@ class StepBatcher(Generic[I, R]):
         try:
             await self._gather()
         except BaseException:
-            self._waiting.remove(call)
-            self._hand_over()
+            self._leave(call)
             raise
         batch = self._take()
         started = time.perf_counter()
@@ -129,14 +127,26 @@ class StepBatcher(Generic[I, R]):
 
     def _take(self) -> list[_Call[I, R]]:
         """The oldest waiting calls that fit the bounds, in order (the oldest always)."""
-        taken, positions = 0, 0
+        count, positions = 0, 0
         for c in self._waiting:
             size = self._size(c.item)
-            if taken == self.max_size or (taken and self.budget is not None and positions + size > self.budget):
+            if count == self.max_size or (count and self.budget is not None and positions + size > self.budget):
                 break
-            taken, positions = taken + 1, positions + size
-        batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
+            count, positions = count + 1, positions + size
+        batch, self._waiting = self._waiting[:count], self._waiting[count:]
+        for c in batch:
+            c.taken = True
         return batch
+
+    def _leave(self, call: _Call[I, R]) -> None:
+        """A cancelled call: out of the queue if it still waits there (handing the lead on if
+        it had been given it). One already taken into a pass is left to it: the pass runs
+        shielded for its partners, and its result is dropped with nobody to read it."""
+        if call.taken or call.done:
+            return
+        self._waiting.remove(call)
+        if call.lead:
+            self._hand_over()
 
     def _finish(self, batch: list[_Call[I, R]], outcomes: list, started: float) -> None:
         record = PassRecord(len(batch), sum(self._size(c.item) for c in batch), time.perf_counter() - started)
