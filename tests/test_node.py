@@ -66,3 +66,30 @@ async def test_a_slow_reader_of_a_pipelined_request_sees_each_blocks_own_end_and
         assert [e.token for b in blocks for e in b.logprobs] == [t for b in blocks for t in b.tokens]
     finally:
         node.close()
+
+
+async def test_a_long_request_keeps_its_bookkeeping_however_many_newer_requests_finish(tiny_llama):
+    """The engine bounds its request table by finished requests only: a request still live
+    when more than that many newer ones have come and gone still ends with its outcome and
+    metrics (once a KeyError after its last token)."""
+    node = make_node(tiny_llama, tiny_llama, enabled=True, draft_tokens=2, adaptive_speculation=False,
+                     acceptance_threshold=0)
+    try:
+        short = GenerationParams(max_tokens=1, temperature=0.0)
+        got = []
+        async with node.generate(None, [3, 1, 4], GenerationParams(max_tokens=10, temperature=0.0),
+                                 request_id="long") as blocks:
+            async for block in blocks:
+                got += block.tokens
+                if len(got) == len(block.tokens):  # after the first block, more short requests than are kept
+                    for i in range(260):  # the engine keeps 256 finished
+                        async with node.generate(None, [5, i + 1], short, request_id=f"short-{i}") as others:
+                            async for _ in others:
+                                pass
+        assert len(got) == 10
+        assert node.outcome("long").finish_reason == "length" and node.recent[-1]["request_id"] == "long"
+        assert len(node.engine.requests) == 256 and "short-3" not in node.engine.requests
+        assert node.counters.requests["completed"] == 261
+        assert not node.counters.requests["failed"]
+    finally:
+        node.close()

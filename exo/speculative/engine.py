@@ -33,6 +33,7 @@ from exo.speculative.verifier import TargetVerifier, Verifier
 
 log = logging.getLogger("exo.speculative")
 RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
+KEEP_FINISHED = 256  # finished requests whose outcome and metrics stay readable (live ones always do)
 
 
 class SpeculativeInferenceEngine(InferenceEngine):
@@ -46,7 +47,12 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.node_id = node_id
         self.metrics = SpeculativeMetrics()
         self.last_request: SpeculativeRequest | None = None
-        self.requests: OrderedDict[str, SpeculativeRequest] = OrderedDict()  # live + recently finished
+        # Every live request and the `keep_finished` latest finished ones: the bound counts
+        # finished requests only, so a long request's entry is there when it ends however many
+        # started after it.
+        self.requests: dict[str, SpeculativeRequest] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self.keep_finished = KEEP_FINISHED
         self._draft_shard: Shard | None = None
         self._draft_for: str | None = None
         self._retry_at = 0.0
@@ -186,8 +192,7 @@ class SpeculativeInferenceEngine(InferenceEngine):
             request.draft_failed("draft model unavailable")
         self.last_request = request
         self.requests[request_id] = request
-        while len(self.requests) > 256:
-            self.requests.popitem(last=False)
+        self._finished.pop(request_id, None)  # a reused id is live again
         try:
             verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
             async with (pipelined_blocks if config.pipelined else sequential_blocks)(request, verifier,
@@ -204,6 +209,14 @@ class SpeculativeInferenceEngine(InferenceEngine):
                 self._plain_step_time = request.controller.plain_step_time()
             if request.controller.draft_step.value is not None:
                 self._costs[cost_key] = request.controller
+            self._retire(request_id)
+
+    def _retire(self, request_id: str) -> None:
+        """Keep a finished request's entry among the latest `keep_finished` finished ones."""
+        self._finished[request_id] = None
+        while len(self._finished) > self.keep_finished:
+            old, _ = self._finished.popitem(last=False)
+            self.requests.pop(old, None)
 
     def _controller(self, config: SpeculativeConfig, cost_key: tuple[bool, str, str, str],
                     local: bool) -> AdaptiveK:
