@@ -166,3 +166,46 @@ async def test_a_process_worker_is_shared_and_outlives_a_closed_engine(model_dir
         assert out.tolist() == [[0, 1]]
     finally:
         second.close()
+
+
+class MarkedToyEngine(ToyEngine):
+    """Each pass sleeps a little and answers with the model it ran on: which weights computed a row."""
+
+    def _load_model(self, shard: Shard, model_dir: Path) -> ToyModel:
+        model = ToyModel()
+        model.name = shard.model_id
+        return model
+
+    def _forward(self, x, cache, last_positions, head_rows):
+        import time
+
+        time.sleep(0.1)
+        cache.offset += x.shape[1]
+        return np.full((1, x.shape[1]), ord(self.model.name[0]))
+
+
+async def test_a_reload_waits_for_the_calls_in_flight_and_a_pass_never_mixes_shards(model_dir):
+    """A call made for model A, waiting behind another pass, when model B is asked for: it still
+    runs with A's weights (once it ran with B's and came back as A's), then B loads."""
+    engine = MarkedToyEngine(model_dir)
+    a, b = Shard.full("A", 1), Shard.full("B", 1)
+    outputs: dict[str, int] = {}
+    try:
+        await engine.ensure_shard(a)
+
+        async def call(rid: str, shard: Shard) -> None:
+            out, _ = await engine.infer_tensor(rid, shard, tokens(1))
+            outputs[rid] = chr(int(out[0, 0]))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "first", a)  # runs at once
+            await anyio.sleep(0.02)
+            group.start_soon(call, "second", a)  # waits for the next pass
+            await anyio.sleep(0.02)
+            group.start_soon(engine.ensure_shard, b)  # a reload asked for meanwhile
+            await anyio.sleep(0.02)
+            group.start_soon(call, "third", b)
+        assert outputs == {"first": "A", "second": "A", "third": "B"}
+        assert engine.shard == b
+    finally:
+        engine.close()

@@ -128,8 +128,7 @@ class ProcessInferenceEngine(InferenceEngine):
     async def load_checkpoint(self, shard: Shard, path: str) -> None:
         from exo.inference.tokenizer import load_tokenizer
 
-        await self._call(Call("load", shard=(shard.model_id, shard.start_layer, shard.end_layer, shard.n_layers),
-                              model_dir=str(path), n=self._cache_capacity))
+        await self._call(Call("load", shard=_wire(shard), model_dir=str(path), n=self._cache_capacity))
         self.tokenizer = await anyio.to_thread.run_sync(load_tokenizer, Path(path))
         self.shard = shard
         self._offsets.clear()
@@ -140,8 +139,9 @@ class ProcessInferenceEngine(InferenceEngine):
             self._kill()
             raise EngineProcessError(f"engine process died; the KV cache of request {request_id!r} is lost")
         await self.ensure_shard(shard)
-        reply = await self._call(Call("infer", request_id, array=TensorBytes.of(np.asarray(input_data)),
-                                      state=inference_state))
+        # The child checks the shard: a reload by another call meanwhile fails this one loudly.
+        reply = await self._call(Call("infer", request_id, shard=_wire(shard),
+                                      array=TensorBytes.of(np.asarray(input_data)), state=inference_state))
         self._offsets[request_id] = reply.offset
         return reply.array.array(), inference_state
 
@@ -175,6 +175,10 @@ class ProcessInferenceEngine(InferenceEngine):
         except (OSError, BrokenPipeError):
             pass  # already gone; kill below makes sure
         self._kill()
+
+
+def _wire(shard: Shard) -> tuple[str, int, int, int]:
+    return shard.model_id, shard.start_layer, shard.end_layer, shard.n_layers
 
 
 def _serve(conn, cpus: list[int], blas_threads: int | None, engine_name: str = "mlx") -> None:
@@ -211,6 +215,8 @@ async def _serve_loop(conn, engine) -> None:
             elif call.op == "infer":
                 if shard is None:
                     raise RuntimeError("no model loaded in this engine process")
+                if call.shard is not None and Shard(*call.shard) != shard:
+                    raise RuntimeError(f"a call for {Shard(*call.shard)} reached a process holding {shard}")
                 out, _ = await engine.infer_tensor(call.request_id, shard, call.array.array(), call.state)
                 reply = Reply(array=TensorBytes.of(out), offset=engine.cache_offset(call.request_id))
             elif call.op == "trim":

@@ -15,6 +15,10 @@ A subclass supplies only what is its own: `_load_model` (weights), `_make_cache`
 supply `_forward_rows` (one pass over several requests' rows; by default they run one after
 the other). Forward calls go through a `StepBatcher` (exo/inference/batching.py): calls of
 different requests that wait at the same moment become one `_forward_rows`.
+
+A forward call holds the loaded shard from its check to the end of its pass: a reload (another
+model, or another layer range) waits for the calls in flight and holds back new ones, so a
+pass never computes a row with weights other than those its call was made for.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import threading
 from abc import abstractmethod
 from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Generic, Literal, TypeVar
+from typing import Any, AsyncIterator, Callable, ClassVar, Generic, Literal, TypeVar
 
 import anyio
 import numpy as np
@@ -61,6 +66,7 @@ class StepRow:
     x: np.ndarray
     last_positions: int | None
     head_rows: HeadRows | None
+    shard: Shard | None = None  # the shard its call was made for (None: whatever is loaded)
 
     @property
     def positions(self) -> int:
@@ -80,6 +86,9 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
         self._executor = _worker(self.worker_scope, f"exo-{self.name}")
         self._closed = False
         self._load_lock = anyio.Lock()
+        self._users = 0  # forward calls holding the loaded shard (from their check to their pass's end)
+        self._reloading = False  # a load waits for them; new calls wait for it
+        self._drained = anyio.Event()
         self._caches: CacheTable[C] = CacheTable(max_caches)
         self.batcher: StepBatcher[StepRow, np.ndarray] = StepBatcher(
             self._run_rows, lambda row: row.positions, lambda: len(self._caches), max_batch)
@@ -125,11 +134,35 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
             if self.shard == shard:
                 return
             model_dir = await anyio.to_thread.run_sync(self.model_dir_for, shard.model_id)
-            await self._run(self._load, shard, model_dir)
+            await self._reload(shard, model_dir)
 
     async def load_checkpoint(self, shard: Shard, path: str) -> None:
         async with self._load_lock:
-            await self._run(self._load, shard, Path(path))
+            await self._reload(shard, Path(path))
+
+    async def _reload(self, shard: Shard, model_dir: Path) -> None:
+        """Load once no forward call holds the current shard (the load lock is held)."""
+        self._reloading = True
+        try:
+            while self._users:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+            await self._run(self._load, shard, model_dir)
+        finally:
+            self._reloading = False
+
+    @asynccontextmanager
+    async def _holding(self, shard: Shard) -> AsyncIterator[None]:
+        """`shard` loaded, and kept loaded until the block ends."""
+        while self.shard != shard or self._reloading:
+            await self.ensure_shard(shard)  # waits for a reload in progress, then loads if need be
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._drained.set()
 
     def _load(self, shard: Shard, model_dir: Path) -> None:
         model = self._load_model(shard, model_dir)
@@ -141,12 +174,12 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
         """Run the request's input at its offset, in one pass with whichever other requests'
         calls are waiting; the returned state adds `PASS`, the pass it ran in."""
-        await self.ensure_shard(shard)
         state = inference_state or {}
         rows = state.get(HEAD_ROWS)
         rows = HeadRows.of(rows) if rows is not None else None
-        out, record = await self.batcher.submit(StepRow(request_id, np.asarray(input_data),
-                                                        state.get(LAST_POSITIONS), rows))
+        async with self._holding(shard):
+            out, record = await self.batcher.submit(StepRow(request_id, np.asarray(input_data),
+                                                            state.get(LAST_POSITIONS), rows, shard))
         return out, {**state, PASS: record}
 
     def set_max_batch(self, max_batch: int) -> None:
@@ -185,6 +218,8 @@ class ThreadedEngine(InferenceEngine, Generic[C]):
     def _checked_cache(self, row: StepRow) -> C:
         """The row's cache once its input is known good (refused inputs create none)."""
         x = row.x
+        if row.shard is not None and row.shard != self.shard:  # cannot happen while `_holding` holds
+            raise RuntimeError(f"a row for {row.shard} reached a pass of {self.shard}")
         if self.shard.is_first_layer():
             if x.ndim != 2:
                 raise ValueError(f"first shard expects token ids (1, T), got shape {x.shape}")
