@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -249,3 +250,95 @@ async def test_udp_with_a_cluster_secret_drops_unsigned_and_wrongly_signed_annou
         await wait_until(lambda: "member" in a.peers(), 5, "a signed announcement is accepted")
         assert set(a.peers()) == {"member"} and a.malformed == 3
         tg.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- UDP: replays, with a secret
+
+SECRET = "s3cret"
+
+
+def secret_udp(node_id: str, port: int, host: str) -> UDPDiscovery:
+    return UDPDiscovery(PeerInfo(node_id, host, 7100 + len(node_id), memory=len(node_id)), listen_port=port,
+                        broadcast_address=LOOPBACK_BROADCAST, bind_address=LOOPBACK_BROADCAST, interval_s=0.05,
+                        secret=SECRET)
+
+
+async def captured_announcements(node: UDPDiscovery, n: int) -> list[bytes]:
+    """The first `n` datagrams `node` really broadcasts, as a listener on the LAN records them."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((LOOPBACK_BROADCAST, node.listen_port))
+        listener.setblocking(False)
+        captured: list[bytes] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(node.run)
+            with anyio.fail_after(5):
+                while len(captured) < n:
+                    try:
+                        captured.append(listener.recv(65535))
+                    except BlockingIOError:
+                        await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    return captured
+
+
+async def test_udp_a_replayed_announcement_neither_moves_the_peer_nor_refreshes_it(caplog):
+    """A member listening on 0.0.0.0 (the default): a listener captures its signed announcement and
+    sends it again, from its own address (which used to move the peer there, so that the next
+    health check went to the listener) and from the member's."""
+    port = free_udp_port()
+    first, second = await captured_announcements(secret_udp("member", port, host="0.0.0.0"), 2)
+    receiver = secret_udp("receiver", port, host="127.0.0.1")
+    receiver._handle(first, ("127.0.0.1", 40000))
+    assert receiver.peers()["member"].host == "127.0.0.1"  # the member claimed the address it sent from
+    with caplog.at_level(logging.DEBUG, logger="exo.discovery.udp"):
+        receiver._handle(first, ("127.0.0.9", 40000))  # (a) replayed from elsewhere
+        assert receiver.peers()["member"].host == "127.0.0.1" and receiver.malformed == 1
+        assert "claims host '127.0.0.1' but comes from 127.0.0.9" in caplog.text
+        receiver._handle(first, ("127.0.0.1", 40000))  # (b) replayed from the right address
+        assert receiver.malformed == 2 and "replayed" in caplog.text
+    receiver._handle(second, ("127.0.0.1", 40000))  # the member's next one is newer
+    assert receiver.malformed == 2
+    receiver._handle(first, ("127.0.0.1", 40000))
+    assert receiver.malformed == 3
+
+
+async def test_udp_a_stale_announcement_is_refused_and_a_restarted_node_is_accepted(caplog):
+    port = free_udp_port()
+    (before_restart,) = await captured_announcements(secret_udp("member", port, host="127.0.0.1"), 1)
+    receiver = secret_udp("receiver", port, host="127.0.0.1")
+    receiver._handle(before_restart, ("127.0.0.1", 40000))
+    assert "member" in receiver.peers()
+    info = PeerInfo("other", "127.0.0.1", 1)
+    with caplog.at_level(logging.DEBUG, logger="exo.discovery.udp"):
+        for skew in (-120, 120, float("nan")):  # a captured announcement replayed later, or a forged clock
+            receiver._handle(encode_announcement(info, SECRET, sent_at=time.time() + skew), ("127.0.0.1", 40000))
+        assert receiver.malformed == 3 and "other" not in receiver.peers() and "not fresh" in caplog.text
+    # A new life of the same node: a new boot id, its seq starting over, accepted while fresh.
+    (after_restart,) = await captured_announcements(secret_udp("member", port, host="127.0.0.1"), 1)
+    receiver._handle(after_restart, ("127.0.0.1", 40000))
+    assert receiver.malformed == 3 and "member" in receiver.peers()
+    receiver._handle(before_restart, ("127.0.0.1", 40000))  # the earlier life, replayed
+    assert receiver.malformed == 4
+
+
+async def test_udp_nodes_with_a_secret_and_unspecified_hosts_find_each_other():
+    """Listening on 0.0.0.0, each claims the address its datagrams leave from, which checks."""
+    port = free_udp_port()
+    nodes = [secret_udp("a", port, host="0.0.0.0"), secret_udp("bb", port, host="0.0.0.0")]
+    async with anyio.create_task_group() as tg:
+        for node in nodes:
+            await tg.start(node.run)
+        await wait_until(lambda: all(len(n.peers()) == 1 for n in nodes), 5, "both see each other")
+        assert nodes[0].peers()["bb"] == PeerInfo("bb", "127.0.0.1", nodes[1].self_info.port, 2)
+        await anyio.sleep(0.3)  # several more announcements, each newer than the last
+        assert [n.malformed for n in nodes] == [0, 0]
+        tg.cancel_scope.cancel()
+
+
+def test_udp_without_a_secret_still_trusts_the_source_for_an_unspecified_host():
+    receiver = loopback_udp("receiver", free_udp_port())
+    receiver._handle(encode_announcement(PeerInfo("old", "0.0.0.0", 1)), ("127.0.0.7", 40000))
+    assert receiver.peers()["old"].host == "127.0.0.7" and receiver.malformed == 0

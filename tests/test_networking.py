@@ -1,14 +1,19 @@
 """The transport and the ring protocol in one process: payloads, rejections, counters."""
 
+import time
 from contextlib import asynccontextmanager
 
 import anyio
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
 
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
-from exo.networking.grpc_transport import LinkOptions, PeerError, PeerHandle
+from exo.networking import auth
+from exo.networking.discovery import Discovery
+from exo.networking.grpc_transport import SERVICE, LinkOptions, PeerError, PeerHandle, RPCServer
 from exo.networking.peer_info import PeerInfo
 from exo.inference.shard import Shard
 from exo.orchestration import protocol
@@ -225,3 +230,175 @@ def test_link_options_refuse_negative_delays():
     for delay, jitter in ((-0.001, 0.0), (0.0, -0.005)):
         with pytest.raises(ValueError, match="must be >= 0"):
             LinkOptions(delay, jitter)
+
+
+# ---------------------------------------------------------------- the cluster secret on the wire
+
+SECRET = "correct horse"
+
+
+async def call_with(port: int, method: str, payload: bytes, metadata) -> bytes:
+    """A call carrying exactly `metadata`: what a listener who recorded a call can send."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return await channel.unary_unary(f"/{SERVICE}/{method}")(payload, metadata=metadata, timeout=5)
+
+
+async def refused(call) -> bool:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+        return True
+    return False
+
+
+async def test_a_recorded_call_cannot_be_replayed_nor_its_header_reused():
+    async with serving_node(secret=SECRET) as (cluster, _):
+        port, me = cluster.server.port, cluster.id
+        recorded = auth.call_metadata(SECRET, f"{me}/Health", b"")
+        assert not await refused(call_with(port, "Health", b"", recorded))  # the call as the member sent it
+        assert await refused(call_with(port, "Health", b"", recorded))  # replayed
+        other = protocol.encode(protocol.Ack())
+        assert await refused(call_with(port, "Event", other, auth.call_metadata(SECRET, f"{me}/Event", b"")))  # payload
+        assert await refused(call_with(port, "Release", other, auth.call_metadata(SECRET, f"{me}/Event", other)))
+        assert await refused(call_with(port, "Health", b"", auth.call_metadata(SECRET, "another-node/Health", b"")))
+        for skew in (-120, 120):
+            stale = auth.call_metadata(SECRET, f"{me}/Health", b"", now=time.time() + skew)
+            assert await refused(call_with(port, "Health", b"", stale))
+        assert await refused(call_with(port, "Health", b"", ((auth.HEADER, "1.2"),)))
+        assert cluster.server.unauthenticated == 7 and cluster.server.rejected == 0
+        assert not await refused(call_with(port, "Health", b"", auth.call_metadata(SECRET, f"{me}/Health", b"")))
+
+
+async def test_the_secret_never_leaves_in_a_call():
+    async with serving_node(secret=SECRET) as (cluster, handle):
+        seen: list[tuple] = []
+        check = cluster.server.guard.refusal
+
+        def recording(method, payload, metadata):
+            seen.append(tuple(metadata))
+            return check(method, payload, metadata)
+
+        cluster.server.guard.refusal = recording
+        await handle.call("Health", b"", 5)
+        await handle.call("Health", b"", 5)  # a second call: a new header, not a replay
+        wire = b"".join(str(key).encode() + (value if isinstance(value, bytes) else value.encode())
+                        for metadata in seen for key, value in metadata)
+        assert len(seen) == 2 and auth.HEADER.encode() in wire
+        assert SECRET.encode() not in wire and b"horse" not in wire
+        assert cluster.server.unauthenticated == 0
+
+
+def test_the_nonce_cache_is_bounded_and_refuses_what_it_forgot():
+    now = [1000.0]
+    guard = auth.CallGuard(SECRET, max_nonces=2, clock=lambda: now[0])
+    calls = [auth.call_metadata(SECRET, "Health", b"", now=now[0] - age) for age in (3, 2, 1)]
+    assert [guard.refusal("Health", b"", call) for call in calls] == [None, None, None]
+    assert len(guard._nonces) == 2
+    assert "replayed" in guard.refusal("Health", b"", calls[0])  # evicted, yet refused: too old now
+    assert "replayed" in guard.refusal("Health", b"", calls[2])
+    assert guard.refusal("Health", b"", auth.call_metadata(SECRET, "Health", b"", now=now[0])) is None
+    assert auth.CallGuard("").refusal("Health", b"", ()) is None  # no secret, no checks
+
+
+async def test_a_stream_is_refused_without_the_secret_and_its_header_cannot_be_replayed():
+    served: list[bytes] = []
+
+    async def generate(request: bytes, send) -> None:
+        served.append(request)
+        for token in (b"one", b"two"):
+            await send(token)
+
+    server = RPCServer("127.0.0.1", free_port(), {}, {"Generate": generate}, secret=SECRET, node_id="streamer")
+    await server.start()
+    info = PeerInfo("streamer", "127.0.0.1", server.port)
+    try:
+        for secret in ("", "wrong horse"):
+            stranger = PeerHandle(info, LinkOptions(secret=secret))
+            try:
+                with pytest.raises(PeerError, match="UNAUTHENTICATED"):
+                    async for _ in stranger.stream("Generate", b"prompt", 5):
+                        pass
+            finally:
+                await stranger.close()
+        member = PeerHandle(info, LinkOptions(secret=SECRET))
+        try:
+            assert [m async for m in member.stream("Generate", b"prompt", 5)] == [b"one", b"two"]
+        finally:
+            await member.close()
+        recorded = auth.call_metadata(SECRET, "streamer/Generate", b"prompt")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            generate_call = channel.unary_stream(f"/{SERVICE}/Generate")
+            assert [m async for m in generate_call(b"prompt", metadata=recorded, timeout=5)] == [b"one", b"two"]
+            with pytest.raises(grpc.aio.AioRpcError) as replay:
+                async for _ in generate_call(b"prompt", metadata=recorded, timeout=5):
+                    pass
+        assert replay.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert server.unauthenticated == 3 and served == [b"prompt", b"prompt"]
+    finally:
+        await server.stop()
+
+
+# ---------------------------------------------------------------- one handle per peer
+
+
+class StaticDiscovery(Discovery):
+    """Reports whatever the test puts in `view`, as UDP discovery would report a peer that listens on
+    0.0.0.0: at the address its datagrams came from."""
+
+    def __init__(self, view: dict[str, PeerInfo]) -> None:
+        self.view = view
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    def peers(self) -> dict[str, PeerInfo]:
+        return dict(self.view)
+
+
+async def test_health_checks_keep_one_handle_per_peer_and_close_it_when_the_peer_moves(monkeypatch):
+    import exo.orchestration.cluster as cluster_module
+
+    made: list[PeerHandle] = []
+    closed: list[PeerHandle] = []
+
+    class CountedHandle(PeerHandle):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        async def close(self) -> None:
+            closed.append(self)
+            await super().close()
+
+    monkeypatch.setattr(cluster_module, "PeerHandle", CountedHandle)
+    far = PeerInfo("far", "0.0.0.0", free_port(), 3 << 30)  # what it says about itself in Health replies
+    seen = StaticDiscovery({"far": PeerInfo("far", "127.0.0.1", far.port, 1)})
+    near = Cluster(PeerInfo("near", "127.0.0.1", free_port(), 1), MLXInferenceEngine(), EventBus(), seen,
+                   health_interval_s=0.05)
+    other = Cluster(far, MLXInferenceEngine(), EventBus(), discovery=None)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(other.run)
+            await group.start(near.run)
+            with anyio.fail_after(10):
+                while "far" not in near.peers:
+                    await anyio.sleep(0.01)
+            handle = near.peers["far"]
+            await anyio.sleep(6 * 0.05)  # several health checks, each answered with host 0.0.0.0
+            assert near.peers["far"] is handle and near._handles["far"] is handle and made == [handle]
+            assert handle.info == PeerInfo("far", "127.0.0.1", far.port, far.memory)  # address kept, memory taken
+            assert closed == []
+
+            seen.view["far"] = PeerInfo("far", "127.0.0.2", far.port, 1)  # it really moved (0.0.0.0 still hears)
+            with anyio.fail_after(10):
+                while near.peers.get("far") in (None, handle):
+                    await anyio.sleep(0.01)
+            await anyio.sleep(3 * 0.05)
+            assert closed == [handle] and made == [handle, near.peers["far"]]
+            assert near.peers["far"].address == f"127.0.0.2:{far.port}"
+            group.cancel_scope.cancel()
+    finally:
+        near.member.engine.close()
+        other.member.engine.close()

@@ -7,7 +7,8 @@ carry other calls, because grpc cancels those with a bare CancelledError, which 
 like a cancellation of their callers. `LinkOptions.delay_s` (+ a uniform random share of
 `jitter_s`) delays each message one way: simulated link latency for benchmarks and tests on
 one machine; with jitter, messages may overtake each other as on a real network. With a cluster secret, every call
-carries it and the server refuses (UNAUTHENTICATED, counted) any call that does not.
+carries an HMAC of itself under the secret (never the secret; see exo/networking/auth.py) and the server
+refuses (UNAUTHENTICATED, counted) any call, unary or stream, whose MAC is missing, wrong, stale or replayed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class LinkOptions(msgspec.Struct, frozen=True):
 
     delay_s: float = 0.0  # simulated one-way latency added to every message
     jitter_s: float = 0.0  # plus uniform(0, jitter_s) per message
-    secret: str = ""  # the cluster secret every call carries
+    secret: str = ""  # the cluster secret every call proves (by an HMAC; the secret is never sent)
 
     def __post_init__(self) -> None:
         if self.delay_s < 0 or self.jitter_s < 0:
@@ -60,12 +61,16 @@ class LinkOptions(msgspec.Struct, frozen=True):
 
 class RPCServer:
     def __init__(self, host: str, port: int, handlers: dict[str, Handler],
-                 streams: dict[str, StreamHandler] | None = None, secret: str = ""):
+                 streams: dict[str, StreamHandler] | None = None, secret: str = "", node_id: str = ""):
+        """`node_id`: this node's id, which every call's MAC names (a call made for one member
+        cannot be replayed to another)."""
         self.host, self.port, self.handlers = host, port, handlers
+        self.node_id = node_id
         self.streams = streams if streams is not None else {}
         self.secret = secret
+        self.guard = auth.CallGuard(secret)
         self.rejected = 0
-        self.unauthenticated = 0  # calls refused for a missing or wrong cluster secret
+        self.unauthenticated = 0  # calls refused: no, a wrong, a stale or a replayed auth header
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -86,19 +91,20 @@ class RPCServer:
             await self._server.stop(grace_s)
             self._server = None
 
-    async def _refuse_strangers(self, name: str, context: grpc.aio.ServicerContext) -> None:
-        """Abort the call unless it carries this node's cluster secret."""
-        if auth.authorized(self.secret, context.invocation_metadata()):
+    async def _refuse_strangers(self, name: str, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """Abort the call unless its auth header is this call's, fresh and new: the MAC covers the
+        request bytes, so it is checked before the handler reads them."""
+        why = self.guard.refusal(auth.addressed(self.node_id, name), request, context.invocation_metadata())
+        if why is None:
             return
         self.unauthenticated += 1
         level = logging.WARNING if self.unauthenticated == 1 or self.unauthenticated % 100 == 0 else logging.DEBUG
-        log.log(level, "refused %s call from %s without the cluster secret (%d so far)", name, context.peer(),
-                self.unauthenticated)
+        log.log(level, "refused %s call from %s: %s (%d so far)", name, context.peer(), why, self.unauthenticated)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this node needs the cluster secret")
 
     def _wrap(self, name: str, handler: Handler):
         async def serve(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            await self._refuse_strangers(name, context)
+            await self._refuse_strangers(name, request, context)
             try:
                 return await handler(request)
             except BadMessage as exc:
@@ -115,7 +121,7 @@ class RPCServer:
         async def serve(request: bytes, context: grpc.aio.ServicerContext) -> None:
             """A coroutine, not a generator: the handler writes each message itself, so its
             task groups close inside it rather than across a suspended generator."""
-            await self._refuse_strangers(name, context)
+            await self._refuse_strangers(name, request, context)
             try:
                 await handler(request, context.write)
             except BadMessage as exc:
@@ -131,7 +137,6 @@ class PeerHandle:
     def __init__(self, info: PeerInfo, link: LinkOptions = LinkOptions()):
         self.info = info
         self.link = link
-        self._metadata = auth.call_metadata(link.secret)
         self._random = random.Random()
         self._channel: grpc.aio.Channel | None = None
 
@@ -153,8 +158,9 @@ class PeerHandle:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
+        metadata = auth.call_metadata(self.link.secret, auth.addressed(self.id, method), payload)
         try:
-            return await stub(payload, timeout=timeout_s, metadata=self._metadata, wait_for_ready=False)
+            return await stub(payload, timeout=timeout_s, metadata=metadata, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
             raise PeerError(f"{method} to node {self.id} at {self.address} failed: "
                             f"{exc.code().name}: {exc.details()}") from None
@@ -165,8 +171,8 @@ class PeerHandle:
         await self._delay()
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        call = self._channel.unary_stream(f"/{SERVICE}/{method}")(payload, metadata=self._metadata,
-                                                                   wait_for_ready=False)
+        metadata = auth.call_metadata(self.link.secret, auth.addressed(self.id, method), payload)
+        call = self._channel.unary_stream(f"/{SERVICE}/{method}")(payload, metadata=metadata, wait_for_ready=False)
         try:
             while True:
                 with anyio.move_on_after(idle_timeout_s) as scope:

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from typing import AsyncIterator
 
 import anyio
+import msgspec
 
 from exo.inference.engine import InferenceEngine
 from exo.networking.discovery import Discovery
@@ -49,7 +50,8 @@ class Cluster:
             "Release": self.member.on_release,
         }
         self.streams: dict[str, StreamHandler] = {}  # the node adds "Generate"
-        self.server = RPCServer(info.host, info.port, self.handlers, self.streams, secret=link.secret)
+        self.server = RPCServer(info.host, info.port, self.handlers, self.streams, secret=link.secret,
+                                node_id=info.node_id)
         self._prepared: tuple | None = None
         self._prepare_lock = anyio.Lock()
         self._handles: dict[str, PeerHandle] = {}  # every peer ever reached, healthy or not
@@ -99,20 +101,34 @@ class Cluster:
             await anyio.sleep(self.health_interval_s)
 
     async def _check(self, peer_id: str, info: PeerInfo) -> None:
-        handle = self._handles.get(peer_id)
-        if handle is None or (handle.info.host, handle.info.port) != (info.host, info.port):
-            handle = self._handles[peer_id] = PeerHandle(info, self.link)
+        handle = await self._handle_at(peer_id, info)
         try:
             reply = protocol.decoder(protocol.Health).decode(
                 await handle.call("Health", b"", self.health_timeout_s))
         except Exception as exc:  # any failure means "not healthy now"; the loop must go on
             self._drop(peer_id, f"{type(exc).__name__}: {exc}")
             return
-        handle.info = reply.info
+        # Only what the peer knows better than discovery: the host it reports is where it
+        # listens (often 0.0.0.0), not where it is reached, so the handle keeps its address.
+        handle.info = msgspec.structs.replace(handle.info, memory=reply.info.memory)
         if peer_id not in self.peers:
             self._prepared = None  # a (re)joined node has to load its layers
             log.info("node %s: peer %s joined (%s, %.1f GB)", self.id, peer_id, handle.address, reply.info.memory / 1e9)
         self.peers[peer_id] = handle
+
+    async def _handle_at(self, peer_id: str, info: PeerInfo) -> PeerHandle:
+        """The one handle (one channel) to a peer, kept while discovery reports the same address;
+        when the address really changes, a new one replaces it and the old channel is closed."""
+        old = self._handles.get(peer_id)
+        if old is not None and (old.info.host, old.info.port) == (info.host, info.port):
+            return old
+        handle = self._handles[peer_id] = PeerHandle(info, self.link)
+        if old is not None:
+            if self.peers.get(peer_id) is old:
+                self.peers[peer_id] = handle  # swapped first, so no call picks the closing one
+            log.info("node %s: peer %s moved from %s to %s", self.id, peer_id, old.address, handle.address)
+            await old.close()
+        return handle
 
     def _drop(self, peer_id: str, why: str) -> None:
         if self.peers.pop(peer_id, None) is not None:

@@ -17,21 +17,39 @@ use broadcast_address = bind_address = "127.255.255.255", which keeps everything
 relies on Linux treating 127.0.0.0/8 as a broadcast-capable subnet; macOS's lo0 does not do
 broadcast, so there a single-host cluster should use ManualDiscovery.
 
-With a cluster secret, each announcement carries an HMAC-SHA256 of its fields under the secret
-(`mac`); a node with a secret drops (and counts) announcements whose MAC does not check, so a
-stranger on the LAN cannot inject peers. A captured announcement can be replayed, but it only
-repeats what a member said.
+Every announcement claims a concrete address: a node whose host is unspecified ("0.0.0.0", "::",
+"") fills in the address its datagrams leave from (the kernel's choice for the broadcast
+destination, asked by `connect()`ing a UDP socket there: 127.0.0.1 for 127.255.255.255); a node
+with a host of its own sends from that address (its socket is bound to it).
 
-If a node announces an unspecified host ("0.0.0.0", "::" or ""), receivers substitute the
-datagram's source address, so a node listening on all interfaces is still reachable.
+With a cluster secret, an announcement is signed (`mac`, HMAC-SHA256 under the secret) over all
+its fields: the PeerInfo with that host, the sender's wall-clock `sent_at`, a random `boot` id
+drawn once per node life, and a `seq` that grows with every announcement of that boot. A node
+with the secret drops (counts in `malformed`, logs why) an announcement whose MAC does not check,
+whose claimed host is not the datagram's source address, whose `sent_at` is more than
+`FRESHNESS_S` (60 s) from its own clock, or that is not newer than the last one it accepted from
+that node id: same boot and a seq not above the last, or another boot with a `sent_at` not above
+the last (a restart is accepted, a replay of an earlier life is not). So a listener who captures
+an announcement can neither replay it (refused as old) nor replay it from elsewhere to move the
+peer to itself (refused for the address), and cannot forge one. Spoofing the source address gains
+nothing either: the peer stays where it is. An active attacker can still drop announcements, and
+so make a peer disappear. Members' clocks must agree within FRESHNESS_S (NTP). See
+exo/networking/auth.py for the RPC side and the advice to run over a VPN.
+
+Without a secret nothing is authenticated and anything goes: anyone on the LAN can announce any
+peer at any address. Receivers then also accept an unspecified host and substitute the datagram's
+source address (what nodes of protocol version 1 sent), so an unconfigured LAN still works.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import logging
+import os
 import socket
 import time
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import anyio
 import msgspec
@@ -44,7 +62,8 @@ from exo.networking.peer_info import PeerInfo
 log = logging.getLogger("exo.discovery.udp")
 
 ANNOUNCE_TYPE: Final = "exo-spec/announce"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: announcements claim a concrete host and carry sent_at, boot and seq
+FRESHNESS_S: Final = auth.FRESHNESS_S
 _MAX_DATAGRAM = 65535
 _UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")
 
@@ -55,8 +74,20 @@ class Announcement(msgspec.Struct, frozen=True):
 
     type: Literal["exo-spec/announce"]
     version: int
-    peer: PeerInfo
+    peer: PeerInfo  # its host is the address the datagram leaves from
+    sent_at: float = 0.0  # the sender's wall clock (time.time())
+    boot: str = ""  # random, drawn once per node life: tells a restart from a replay
+    seq: int = 0  # grows with every announcement of one boot
     mac: bytes = b""  # HMAC of the other fields under the cluster secret (empty without one)
+
+
+class _Latest(NamedTuple):
+    """The newest announcement accepted from one node id, against which replays are refused."""
+
+    boot: str
+    seq: int
+    sent_at: float
+    heard: float  # time.monotonic() when accepted
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -67,10 +98,35 @@ def _signed_part(msg: Announcement) -> bytes:
     return _encoder.encode(msgspec.structs.replace(msg, mac=b""))
 
 
-def encode_announcement(peer: PeerInfo, secret: str = "") -> bytes:
-    """The datagram a node broadcasts about itself."""
-    msg = Announcement(type=ANNOUNCE_TYPE, version=PROTOCOL_VERSION, peer=peer)
+def encode_announcement(peer: PeerInfo, secret: str = "", *, boot: str | None = None, seq: int = 0,
+                        sent_at: float | None = None) -> bytes:
+    """The datagram a node broadcasts about itself (`peer.host` must be the address it is sent
+    from); a fresh random boot id and the current time unless given."""
+    msg = Announcement(type=ANNOUNCE_TYPE, version=PROTOCOL_VERSION, peer=peer,
+                       sent_at=time.time() if sent_at is None else sent_at,
+                       boot=os.urandom(8).hex() if boot is None else boot, seq=seq)
     return _encoder.encode(msgspec.structs.replace(msg, mac=auth.sign(secret, _signed_part(msg))))
+
+
+def source_address(destination: tuple[str, int]) -> str:
+    """The address a datagram to `destination` leaves from, as the kernel routes it: connecting
+    a UDP socket picks it without sending anything."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)  # connect() to a broadcast address needs it
+        probe.connect(destination)
+        return probe.getsockname()[0]
+
+
+def _same_address(claimed: str, source: str) -> bool:
+    try:
+        return ipaddress.ip_address(claimed) == ipaddress.ip_address(source)
+    except ValueError:  # a host name, or garbage: not the address the datagram came from
+        return False
+
+
+def _is_newer(msg: Announcement, last: _Latest) -> bool:
+    """Same life: a higher seq. Another life: a later time (a restart, not an old life replayed)."""
+    return msg.seq > last.seq if msg.boot == last.boot else msg.sent_at > last.sent_at
 
 
 if hasattr(anyio, "wait_readable"):  # anyio >= 4.7
@@ -105,8 +161,12 @@ class UDPDiscovery(Discovery):
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.secret = secret
-        self.malformed = 0  # datagrams on our port that were not valid announcements
+        self.malformed = 0  # datagrams on our port that were not valid (or not fresh) announcements
         self._seen: dict[str, tuple[PeerInfo, float]] = {}  # node_id -> (info, monotonic last heard)
+        self._latest: dict[str, _Latest] = {}  # node_id -> newest accepted (with a secret), outlives _seen
+        self._boot = os.urandom(8).hex()
+        self._seq = itertools.count(1)
+        self._source: str | None = None  # the address our sending socket is bound to, when it is
 
     def peers(self) -> dict[str, PeerInfo]:
         # Filter by age here too, so the view is right even between two prune passes.
@@ -124,11 +184,38 @@ class UDPDiscovery(Discovery):
             rx.setblocking(False)
             tx.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             tx.setblocking(False)
+            self._bind_source(tx)
         except BaseException:
             rx.close()
             tx.close()
             raise
         return rx, tx
+
+    def _bind_source(self, tx: socket.socket) -> None:
+        """Send from the host we announce, so that receivers can check the claim against the source."""
+        host = self.self_info.host
+        if host in _UNSPECIFIED_HOSTS:
+            return  # the kernel picks the source; each announcement asks which (`source_address`)
+        try:
+            address = socket.gethostbyname(host)
+            tx.bind((address, 0))
+        except OSError as e:
+            log.warning("cannot send discovery announcements from %s (%s): they leave from another address, "
+                        "which nodes with the cluster secret refuse", host, e)
+            return
+        self._source = address
+
+    def _claimed_host(self, destination: tuple[str, int]) -> str:
+        if self._source is not None:
+            return self._source
+        if self.self_info.host in _UNSPECIFIED_HOSTS:
+            return source_address(destination)  # asked each time: the address may change (DHCP)
+        return self.self_info.host
+
+    def _next_datagram(self, destination: tuple[str, int]) -> bytes:
+        """This interval's announcement: a concrete host, the time now, the next seq, signed."""
+        peer = msgspec.structs.replace(self.self_info, host=self._claimed_host(destination))
+        return encode_announcement(peer, self.secret, boot=self._boot, seq=next(self._seq))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         rx, tx = self._open_sockets()
@@ -143,13 +230,12 @@ class UDPDiscovery(Discovery):
 
     async def _announce_loop(self, tx: socket.socket) -> None:
         """Announce ourselves and prune silent peers, once per interval."""
-        datagram = encode_announcement(self.self_info, self.secret)
         destination = (self.broadcast_address, self.listen_port)
         failing = False
         while True:
             try:
-                tx.sendto(datagram, destination)
-            except OSError as e:  # network down, buffer full: try again next interval
+                tx.sendto(self._next_datagram(destination), destination)
+            except OSError as e:  # network down (no route), buffer full: try again next interval
                 # Warn when it starts failing, not once a second for as long as it fails.
                 log.log(
                     logging.DEBUG if failing else logging.WARNING,
@@ -171,6 +257,11 @@ class UDPDiscovery(Discovery):
             if seen < horizon:
                 del self._seen[node_id]
                 log.info("peer %s not heard from for %.1fs; dropped", node_id, self.timeout_s)
+        # Past two windows, anything a listener captured from that node is stale anyway.
+        forget = time.monotonic() - 2 * FRESHNESS_S
+        for node_id, latest in list(self._latest.items()):
+            if latest.heard < forget:
+                del self._latest[node_id]
 
     async def _receive_loop(self, rx: socket.socket) -> None:
         while True:
@@ -200,12 +291,30 @@ class UDPDiscovery(Discovery):
         peer = msg.peer
         if peer.node_id == self.self_info.node_id:
             return  # our own broadcast, looped back
-        if peer.host in _UNSPECIFIED_HOSTS:
+        if self.secret:
+            why = self._admit(msg, addr[0])
+            if why is not None:
+                self._count_malformed(addr, why)
+                return
+        elif peer.host in _UNSPECIFIED_HOSTS:  # no secret, no checks: trust the source address
             peer = msgspec.structs.replace(peer, host=addr[0])
         previous = self._seen.get(peer.node_id)
         if previous is None or previous[0] != peer:
             log.info("peer %s at %s:%d (%d bytes memory)", peer.node_id, peer.host, peer.port, peer.memory)
         self._seen[peer.node_id] = (peer, time.monotonic())
+
+    def _admit(self, msg: Announcement, source: str) -> str | None:
+        """Why a signed announcement is refused (None: accepted, and remembered as the newest)."""
+        if not _same_address(msg.peer.host, source):
+            return f"claims host {msg.peer.host!r} but comes from {source}"
+        age = time.time() - msg.sent_at
+        if not abs(age) <= FRESHNESS_S:  # written so that a NaN is refused too
+            return f"not fresh: sent {age:.0f} s ago, more than {FRESHNESS_S} s from this node's clock"
+        last = self._latest.get(msg.peer.node_id)
+        if last is not None and not _is_newer(msg, last):
+            return f"replayed: boot {msg.boot} seq {msg.seq} is not newer than boot {last.boot} seq {last.seq}"
+        self._latest[msg.peer.node_id] = _Latest(msg.boot, msg.seq, msg.sent_at, time.monotonic())
+        return None
 
     def _count_malformed(self, addr: tuple[str, int], why: str) -> None:
         self.malformed += 1
