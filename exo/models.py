@@ -101,6 +101,7 @@ class ModelRegistry:
     def __init__(self, named: dict[str, str] | None = None, operator: tuple[str, ...] | list[str] = (),
                  cards: dict[str, ModelCard] | None = None):
         self._ids: dict[str, str] = {card_id: card_id for card_id in (CARDS if cards is None else cards)}
+        self.registered: set[str] = set(operator) | set((named or {}).values())  # the operator's own models
         for model_id in operator:
             self._ids.setdefault(model_id, model_id)
         self._ids.update(named or {})
@@ -119,4 +120,6 @@ class ModelRegistry:
         return sorted(self._ids.items())
 
     def add(self, name: str, model_id: str) -> None:
+        """Register a model of the operator's (served whether or not it is on disk yet)."""
         self._ids[name] = model_id
+        self.registered.add(model_id)

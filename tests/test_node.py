@@ -3,7 +3,9 @@
 import json
 
 import anyio
+import msgspec
 import numpy as np
+import pytest
 
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
@@ -91,5 +93,90 @@ async def test_a_long_request_keeps_its_bookkeeping_however_many_newer_requests_
         assert len(node.engine.requests) == 256 and "short-3" not in node.engine.requests
         assert node.counters.requests["completed"] == 261
         assert not node.counters.requests["failed"]
+    finally:
+        node.close()
+
+
+async def test_a_draft_swap_waits_for_the_requests_using_the_draft_in_turn(tiny_llama, tiny_llama_other):
+    """A request naming another draft waits until no request uses the loaded one (once it
+    swapped the draft at once, clearing every running request's draft cache); a request for
+    the loaded draft arriving behind it waits its turn too, so the swap cannot starve."""
+    from exo.orchestration.admission import AdmissionRejected
+
+    node = make_node(tiny_llama, tiny_llama, enabled=True, draft_tokens=2, adaptive_speculation=False,
+                     acceptance_threshold=0)
+    other = msgspec.structs.replace(node.config, draft_model=str(tiny_llama_other))
+    loads = []
+    load_model = node.engine.draft._load_model
+    node.engine.draft._load_model = lambda shard, path: loads.append(shard.model_id) or load_model(shard, path)
+    params = GenerationParams(max_tokens=6, temperature=0.0)
+    order: list[str] = []
+    release_first = anyio.Event()
+
+    async def run(rid: str, config, hold: anyio.Event | None = None) -> list[int]:
+        out = []
+        async with node.generate(None, [3, 1, 4], params, config, request_id=rid) as blocks:
+            async for block in blocks:
+                if not out:
+                    order.append(rid)
+                out += block.tokens
+                if hold is not None:
+                    await hold.wait()
+        return out
+
+    try:
+        alone = await run("alone", node.config)
+        assert loads == [str(tiny_llama)]
+        results = {}
+
+        async def keep(rid, config, hold=None):
+            results[rid] = await run(rid, config, hold)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(keep, "first", node.config, release_first)
+            await anyio.sleep(0.3)
+            group.start_soon(keep, "swap", other)
+            await anyio.sleep(0.3)
+            group.start_soon(keep, "behind", node.config)
+            await anyio.sleep(0.3)
+            assert order == ["alone", "first"] and loads == [str(tiny_llama)]  # both wait; nothing swapped
+            release_first.set()
+        assert order == ["alone", "first", "swap", "behind"]
+        assert loads == [str(tiny_llama), str(tiny_llama_other), str(tiny_llama)]
+        assert results["first"] == results["swap"] == results["behind"] == alone  # greedy: the target's text
+
+        node.engine.draft_wait_s = 0.2
+        hold = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, "holder", node.config, hold)
+            await anyio.sleep(0.3)
+            with pytest.raises(AdmissionRejected, match="cannot be loaded now"):
+                await run("impatient", other)
+            hold.set()
+        assert node.counters.rejected["draft_busy"] == 1
+    finally:
+        node.close()
+
+
+async def test_clients_cannot_make_the_node_fetch_a_model(tiny_llama):
+    """A card whose weights are not on disk, as target or draft, is refused before any fetch
+    unless the operator allows client-triggered downloads; the operator's own models load."""
+    from exo.orchestration.node import ModelNotOnDisk
+    from exo.speculative.config import ConfigError
+
+    node = make_node(tiny_llama, tiny_llama, enabled=True)
+    fetched = []
+    node.engine.target.model_dir_for = lambda model_id: fetched.append(model_id) or tiny_llama
+    try:
+        with pytest.raises(ModelNotOnDisk, match="does not fetch models for clients"):
+            await node.shard_for("llama-3.1-70b")
+        draft = msgspec.structs.replace(node.config, draft_model="llama-3.2-1b")
+        with pytest.raises(ConfigError, match="not on this node's disk"):
+            await node.check_draft(str(tiny_llama), draft)
+        assert fetched == []
+        await node.shard_for(None)  # the operator's default
+        node.allow_model_downloads = True
+        await node.shard_for("llama-3.1-70b")  # allowed now: the (stubbed) fetch is asked for
+        assert "llama-3.1-70b" in fetched
     finally:
         node.close()

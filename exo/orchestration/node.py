@@ -30,7 +30,8 @@ from exo.inference.cache_table import DEFAULT_CAPACITY, CacheTableFull
 from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
-from exo.models import ModelRegistry
+from exo.inference.sources import ModelStore
+from exo.models import ModelRegistry, UnknownModelError
 from exo.orchestration import counters as status
 from exo.orchestration import protocol
 from exo.orchestration.admission import (MAX_AUTO_LIVE, QUEUE_FULL, QUEUE_TIMEOUT, AdmissionGate,
@@ -39,8 +40,8 @@ from exo.orchestration.cluster import Cluster
 from exo.orchestration.counters import NodeCounters
 from exo.orchestration.ring_stage import RingError, decode_message
 from exo.orchestration.ring_verifier import RingVerifier
-from exo.speculative.config import AUTO, ConfigError, SpeculativeConfig
-from exo.speculative.engine import SpeculativeInferenceEngine, wants_draft_model
+from exo.speculative.config import AUTO, DRAFT_PAIRS, ConfigError, SpeculativeConfig, choose_draft
+from exo.speculative.engine import DraftBusy, SpeculativeInferenceEngine, wants_draft_model
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot
 from exo.speculative.pipeline.common import Emitted
@@ -52,6 +53,11 @@ log = logging.getLogger("exo.node")
 STATUS_TIMEOUT_S = 15.0
 CONTEXT_BUDGET_TOKENS = 4096  # the context a request is assumed to fill when sizing the default limit
 CACHE_FULL = "cache_full"  # an engine refused a request: its cache table was full of live ones
+DRAFT_BUSY = "draft_busy"  # its draft model could not be swapped in: another stayed in use too long
+
+
+class ModelNotOnDisk(UnknownModelError):
+    """A client named a model this node would have to fetch, and clients may not make it fetch."""
 
 
 class RequestOutcome(msgspec.Struct, frozen=True):
@@ -61,7 +67,7 @@ class RequestOutcome(msgspec.Struct, frozen=True):
 
 TokenCallback = Callable[[str, list[int], bool], None]
 StatusCallback = Callable[[str, str], None]
-REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT)
+REFUSALS = (QUEUE_FULL, QUEUE_TIMEOUT, DRAFT_BUSY)
 
 
 class Node:
@@ -72,17 +78,22 @@ class Node:
                  pass_timeout_s: float = 60.0, draft_node: str | None = None,
                  max_concurrent_requests: int | None = None, max_queued_requests: int = 64,
                  queue_timeout_s: float = 60.0, models: ModelRegistry | None = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH):
+                 max_batch_size: int = DEFAULT_MAX_BATCH, allow_model_downloads: bool = False):
         """`max_concurrent_requests`: live requests at once (None: sized from free memory when
         a model loads, see `admission.max_live_from_memory`); more wait, up to
         `max_queued_requests` of them and `queue_timeout_s` each. `max_batch_size`: requests
-        whose steps share one forward pass per engine (1: none do)."""
+        whose steps share one forward pass per engine (1: none do). `allow_model_downloads`:
+        a request may name (as target or draft) a card whose weights are not on disk yet and
+        make the node fetch it; otherwise only models on disk and the operator's own."""
         self.id = node_id
         # What clients may name: the cards, the operator's own default and draft, and `models`.
         self.models = models or ModelRegistry()
-        for model_id in (default_model, config.draft_model):
+        own_draft = choose_draft(default_model, config.draft_model) if (
+            config.draft_model != AUTO or default_model in DRAFT_PAIRS) else AUTO
+        for model_id in (default_model, config.draft_model, own_draft):
             if model_id != AUTO:
                 self.models.add(model_id, model_id)
+        self.allow_model_downloads = allow_model_downloads
         self._context: dict[str, int | None] = {}
         self.config = config
         self.default_model = default_model
@@ -118,10 +129,22 @@ class Node:
         self._size_caches()
 
     # -- models --------------------------------------------------------------------------
+    async def check_servable(self, model_id: str) -> None:
+        """ModelNotOnDisk unless `model_id` is the operator's, on disk already, or clients may
+        make this node fetch models: a request must not be able to start a download (of up
+        to a 70B model) or fill the disk."""
+        if self.allow_model_downloads or model_id in self.models.registered or model_id in self._full_shards:
+            return
+        if not await anyio.to_thread.run_sync(ModelStore().installed, model_id):
+            raise ModelNotOnDisk(f"model {model_id!r} is not on this node's disk, and this node does not fetch "
+                                 "models for clients (its operator can fetch it, or allow client-triggered "
+                                 "downloads with --allow-model-downloads)")
+
     async def shard_for(self, model_id: str | None) -> Shard:
         """Load `model_id` here or over the ring (waiting for in-flight requests on another
-        model or another ring to finish)."""
+        model or another ring to finish); ModelNotOnDisk as in `check_servable`."""
         model_id = model_id or self.default_model
+        await self.check_servable(model_id)
         async with self._model_lock:
             shard = self._full_shards.get(model_id) or await self.engine.full_shard(model_id)
             self._full_shards[model_id] = shard
@@ -216,9 +239,18 @@ class Node:
     async def check_draft(self, model_id: str, config: SpeculativeConfig) -> None:
         """Load a draft a request asked for, now: ConfigError if it is unusable, before any
         token is sent (only where this node schedules; a peer reports it in its stream)."""
-        if (config.enabled and self.engine.draft_is_requested(config) and wants_draft_model(config, model_id)
-                and self.scheduler_node() == self.id):
-            await self.engine.ensure_draft(model_id, config.draft_model, strict=True)
+        if not (config.enabled and self.engine.draft_is_requested(config) and wants_draft_model(config, model_id)):
+            return
+        try:
+            await self.check_servable(choose_draft(model_id, config.draft_model))
+        except ModelNotOnDisk as exc:
+            raise ConfigError(f"speculative.draft_model: {exc}") from exc
+        if self.scheduler_node() == self.id:
+            try:
+                await self.engine.ensure_draft(model_id, config.draft_model, strict=True)
+            except DraftBusy as exc:
+                self.counters.reject(DRAFT_BUSY)
+                raise AdmissionRejected(DRAFT_BUSY, str(exc), exc.retry_after_s) from exc
 
     # -- generation ----------------------------------------------------------------------
     @asynccontextmanager
@@ -271,6 +303,10 @@ class Node:
                 outcome = status.REJECTED
                 self.counters.rejected[exc.reason] += 1
                 raise
+            except DraftBusy as exc:  # its draft could not be swapped in while others used another
+                outcome = status.REJECTED
+                self.counters.rejected[DRAFT_BUSY] += 1
+                raise AdmissionRejected(DRAFT_BUSY, str(exc), exc.retry_after_s) from exc
             except Exception:
                 outcome = status.FAILED
                 raise

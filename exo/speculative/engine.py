@@ -4,6 +4,12 @@ It is an `InferenceEngine` (calls that process tensors go to the target) with a
 `generate` that emits several tokens per step, and `get_metrics()`. The draft is optional
 at every moment: if it cannot be loaded or fails mid-request, decoding continues plainly
 from the same state and loading is retried later with backoff.
+
+The draft engine holds one draft model at a time and loading another clears every request's
+draft cache, so a swap waits until no request uses the draft: requests for another draft
+queue, first come first served (one for the loaded draft queues behind them, so none
+starves), and the swap happens once the current draft's users are done (`DraftBusy` after
+`draft_wait_s`).
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
+import anyio
 import msgspec
 
 from exo.inference.engine import InferenceEngine
@@ -33,7 +40,16 @@ from exo.speculative.verifier import TargetVerifier, Verifier
 
 log = logging.getLogger("exo.speculative")
 RETRY_BACKOFF_S = (5.0, 300.0)  # first retry delay, cap
+DRAFT_WAIT_S = 60.0  # how long a request may wait for the draft engine to swap to its draft
 KEEP_FINISHED = 256  # finished requests whose outcome and metrics stay readable (live ones always do)
+
+
+class DraftBusy(Exception):
+    """Another draft model stayed in use by running requests for longer than the request may wait."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SpeculativeInferenceEngine(InferenceEngine):
@@ -55,6 +71,10 @@ class SpeculativeInferenceEngine(InferenceEngine):
         self.keep_finished = KEEP_FINISHED
         self._draft_shard: Shard | None = None
         self._draft_for: str | None = None
+        self._draft_users = 0  # requests drafting with the loaded draft model now
+        self._swaps: deque[str] = deque()  # draft ids of requests waiting for their turn, oldest first
+        self._draft_changed = anyio.Event()
+        self.draft_wait_s = DRAFT_WAIT_S
         self._retry_at = 0.0
         self._backoff = RETRY_BACKOFF_S[0]
         self._plain_step_time: float | None = None
@@ -112,7 +132,53 @@ class SpeculativeInferenceEngine(InferenceEngine):
 
     # -- the draft ----------------------------------------------------------------------
     async def ensure_draft(self, target_model: str, requested: str, strict: bool = False) -> Shard | None:
-        """Load the draft for `target_model`; None (and a retry later) if it cannot be used.
+        """The draft for `target_model` loaded (see `draft_in_use`), used by nobody afterwards."""
+        async with self.draft_in_use(target_model, requested, strict) as shard:
+            return shard
+
+    @asynccontextmanager
+    async def draft_in_use(self, target_model: str, requested: str,
+                           strict: bool = False) -> AsyncIterator[Shard | None]:
+        """The draft for `target_model`, loaded and kept loaded while the block runs; None if
+        it cannot be used (see `_load_draft`). Waits its turn when another draft is loaded
+        and in use, or others already wait (DraftBusy after `draft_wait_s`)."""
+        draft_id = choose_draft(target_model, requested)
+        queued = self._draft_for != draft_id or bool(self._swaps)
+        if queued:
+            self._swaps.append(draft_id)
+        try:
+            if queued:
+                await self._turn(draft_id)
+            shard = await self._load_draft(draft_id, target_model, requested, strict)
+            if shard is not None:
+                self._draft_users += 1
+        finally:
+            if queued:
+                self._swaps.remove(draft_id)
+                self._changed()
+        try:
+            yield shard
+        finally:
+            if shard is not None:
+                self._draft_users -= 1
+                self._changed()
+
+    async def _turn(self, draft_id: str) -> None:
+        """Until `draft_id` is first in line and loaded, or nobody uses the draft (it may load)."""
+        with anyio.move_on_after(self.draft_wait_s):
+            while not (self._swaps[0] == draft_id and (self._draft_for == draft_id or not self._draft_users)):
+                await self._draft_changed.wait()
+            return
+        raise DraftBusy(f"draft model {draft_id} cannot be loaded now: the draft engine holds "
+                        f"{self._draft_for}, in use by {self._draft_users} request(s), and "
+                        f"{len(self._swaps) - 1} other request(s) wait for a draft swap", int(self.draft_wait_s))
+
+    def _changed(self) -> None:
+        self._draft_changed.set()
+        self._draft_changed = anyio.Event()
+
+    async def _load_draft(self, draft_id: str, target_model: str, requested: str, strict: bool) -> Shard | None:
+        """Load the draft `draft_id` for `target_model`; None (and a retry later) if it cannot be used.
 
         An invalid pairing (unknown pair, different tokenizers) raises ConfigError: that is
         the user's request being wrong, not a transient failure. `strict` (a draft one
@@ -120,7 +186,6 @@ class SpeculativeInferenceEngine(InferenceEngine):
         neither reads nor starts the back-off, which is only for the node's own draft: one
         request's bad draft never costs another request its speculation.
         """
-        draft_id = choose_draft(target_model, requested)
         if self._draft_shard is not None and self._draft_for == draft_id:
             return self._draft_shard
         if not strict and time.monotonic() < self._retry_at:
@@ -168,48 +233,55 @@ class SpeculativeInferenceEngine(InferenceEngine):
         request_id = request_id or uuid.uuid4().hex
         if verifier is None:
             await self.target.ensure_shard(shard)
-        draft_shard = None
-        if config.enabled and wants_draft_model(config, shard.model_id):
-            draft_shard = await self.ensure_draft(shard.model_id, config.draft_model, self.draft_is_requested(config))
-        drafter = resolved_drafter(config, draft_shard is not None)
-        cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
-                    type(verifier).__name__ if verifier is not None else "local")
-        request = SpeculativeRequest(
-            request_id, list(prompt), params,
-            self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
-            # A fixed K means K drafts every block: no confidence cut (only the budget caps it).
-            config.acceptance_threshold if config.adaptive_speculation else 0.0,
-            self._controller(config, cost_key, verifier is None),
-            events=self.events, node_id=self.node_id,
-            shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
-            overlap_prefill=self.overlap_prefill, ring_window=config.ring_window,
-        )
-        proposer = None
-        if drafter is not None:
-            config = msgspec.structs.replace(config, drafter=drafter)
-            proposer = make_proposer(config, self.draft, draft_shard, request.controller)
-        elif config.enabled:
-            request.draft_failed("draft model unavailable")
-        self.last_request = request
-        self.requests[request_id] = request
-        self._finished.pop(request_id, None)  # a reused id is live again
-        try:
-            verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
-            async with (pipelined_blocks if config.pipelined else sequential_blocks)(request, verifier,
-                                                                                     proposer) as blocks:
-                yield blocks
-        finally:
-            self.target.free_cache(request_id)
-            if proposer is not None:
-                proposer.release(request_id)
-            if verifier is not None:
-                await verifier.close()
-            self.metrics.merge(request.metrics)
-            if request.controller.plain_step_time():
-                self._plain_step_time = request.controller.plain_step_time()
-            if request.controller.draft_step.value is not None:
-                self._costs[cost_key] = request.controller
-            self._retire(request_id)
+        async with self._request_draft(config, shard.model_id) as draft_shard:
+            drafter = resolved_drafter(config, draft_shard is not None)
+            cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
+                        type(verifier).__name__ if verifier is not None else "local")
+            request = SpeculativeRequest(
+                request_id, list(prompt), params,
+                self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
+                # A fixed K means K drafts every block: no confidence cut (only the budget caps it).
+                config.acceptance_threshold if config.adaptive_speculation else 0.0,
+                self._controller(config, cost_key, verifier is None),
+                events=self.events, node_id=self.node_id,
+                shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
+                overlap_prefill=self.overlap_prefill, ring_window=config.ring_window,
+            )
+            proposer = None
+            if drafter is not None:
+                config = msgspec.structs.replace(config, drafter=drafter)
+                proposer = make_proposer(config, self.draft, draft_shard, request.controller)
+            elif config.enabled:
+                request.draft_failed("draft model unavailable")
+            self.last_request = request
+            self.requests[request_id] = request
+            self._finished.pop(request_id, None)  # a reused id is live again
+            try:
+                verifier = verifier or TargetVerifier(self.target, shard, request_id, params)
+                async with (pipelined_blocks if config.pipelined else sequential_blocks)(request, verifier,
+                                                                                         proposer) as blocks:
+                    yield blocks
+            finally:
+                self.target.free_cache(request_id)
+                if proposer is not None:
+                    proposer.release(request_id)
+                if verifier is not None:
+                    await verifier.close()
+                self.metrics.merge(request.metrics)
+                if request.controller.plain_step_time():
+                    self._plain_step_time = request.controller.plain_step_time()
+                if request.controller.draft_step.value is not None:
+                    self._costs[cost_key] = request.controller
+                self._retire(request_id)
+
+    @asynccontextmanager
+    async def _request_draft(self, config: SpeculativeConfig, target_model: str) -> AsyncIterator[Shard | None]:
+        """The draft model a request drafts with, held for its lifetime (None: it drafts without one)."""
+        if not (config.enabled and wants_draft_model(config, target_model)):
+            yield None
+            return
+        async with self.draft_in_use(target_model, config.draft_model, self.draft_is_requested(config)) as shard:
+            yield shard
 
     def _retire(self, request_id: str) -> None:
         """Keep a finished request's entry among the latest `keep_finished` finished ones."""
