@@ -53,23 +53,20 @@ def cluster_metrics(url: str) -> dict:
     return httpx.get(f"{url}/v1/speculative/metrics", timeout=10).json()["cluster"]
 
 
-def assert_stages_in_step(url: str, request_id: str, nodes: list[str], timeout_s: float = 10) -> dict:
+def assert_stages_in_step(url: str, request_id: str, nodes: list[str]) -> dict:
     """Every stage trimmed to the same cache length at every epoch's end; returns each stage's
     final totals for the request.
 
     Only verdicts that end an epoch send rollbacks (a whole accepted block leaves every cache
     right). The final verdict's rollback may reach a stage after the request was released
-    (nothing is left to trim then), so only the last reported block may be missing. Reports
-    from remote stages travel in the background: wait for every stage's final one.
+    (nothing is left to trim then), so only the last reported block may be missing. Every
+    stage's final report comes back with its release, before the request's answer: read once,
+    with no wait.
     """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        metrics = cluster_metrics(url)
-        totals = metrics["stages"].get(request_id, {})
-        if sorted(totals) == sorted(nodes) and all(t["final"] for t in totals.values()):
-            break
-        assert time.monotonic() < deadline, f"final stage reports incomplete: {totals}"
-        time.sleep(0.1)
+    metrics = cluster_metrics(url)
+    totals = metrics["stages"].get(request_id, {})
+    assert sorted(totals) == sorted(nodes) and all(t["final"] for t in totals.values()), \
+        f"final stage reports incomplete: {totals}"
     offsets = metrics["requests"].get(request_id, {})
     blocks = {node: {int(b): o for b, o in offsets.get(node, {}).items()} for node in nodes}
     every = set().union(*blocks.values())

@@ -179,3 +179,23 @@ def test_windows_of_one_to_four_blocks_are_exact_and_keep_every_stage_in_step(tm
         assert sampled[0]["usage"]["speculative"]["drafted_tokens"] > 0
         metrics = httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["cluster"]
         assert metrics["rejected_messages"] == 0
+
+
+@pytest.mark.integration
+def test_every_stage_report_is_in_when_a_request_through_a_jittery_ring_ends(tmp_path, tiny_llama, tiny_llama_other):
+    """Three nodes, 0-10 ms of random delay per message, windows 1 and 3: the origin holds every
+    stage's final report as soon as the answer is out (once they came in the background, after
+    it, and some were missing when the request was reported)."""
+    model, draft = str(tiny_llama), str(tiny_llama_other)
+    single = single_node_outputs(model, draft, 24)
+    names = ["node0", "node1", "node2"]
+    with RingCluster(tmp_path, 3, model, draft, extra=("--link-jitter-ms", "10")) as cluster:
+        for window in (1, 3):
+            for prompt in PROMPTS:
+                body = complete(cluster.url, prompt, 24, windowed(window)).json()
+                assert_same(body, single[prompt])
+                assert_stages_in_step(cluster.url, body["id"], names)
+                recent = httpx.get(f"{cluster.url}/v1/speculative/metrics", timeout=10).json()["recent"][-1]
+                assert recent["request_id"] == body["id"]
+                totals = recent["ring"]["stage_totals"]  # as the origin held them when the request ended
+                assert sorted(totals) == names and all(t["final"] for t in totals.values()), totals

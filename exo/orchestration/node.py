@@ -330,9 +330,9 @@ class Node:
         verifier = None
         if self._ring is not None and self.cluster is not None:
             cluster = self.cluster
-            verifier = RingVerifier(self.id, cluster.call, cluster.member.spawn, cluster.inbox, self._ring,
-                                    shard.model_id, shard.n_layers, request_id, params, self.pass_timeout_s,
-                                    cluster.timeouts.send_s)
+            verifier = RingVerifier(self.id, cluster.call, cluster.member.background, cluster.member.accept_report,
+                                    cluster.inbox, self._ring, shard.model_id, shard.n_layers, request_id, params,
+                                    self.pass_timeout_s, cluster.timeouts.send_s)
         try:
             async with self.engine.generate(shard, prompt, params, config, request_id, verifier=verifier) as blocks:
                 yield blocks
@@ -350,7 +350,8 @@ class Node:
         entry = {"request_id": request_id, "model": shard.model_id,
                  **msgspec.to_builtins(self.engine.request_metrics(request))}
         if verifier is not None:
-            entry["ring"] = {"stages": [msgspec.to_builtins(s) for s in verifier.ring], **verifier.times.summary()}
+            entry["ring"] = {"stages": [msgspec.to_builtins(s) for s in verifier.ring], **verifier.times.summary(),
+                             "stage_totals": self.cluster.member.reports.totals(request_id)}
         self.recent.append(entry)
 
     async def _generate_on(self, scheduler: str, shard: Shard, prompt: list[int], params: GenerationParams,

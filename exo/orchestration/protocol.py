@@ -16,6 +16,7 @@ from exo.inference.logprobs import TokenLogprob
 from exo.inference.tensor_bytes import TensorBytes
 from exo.networking.peer_info import PeerInfo
 from exo.speculative.config import SpeculativeConfig
+from exo.speculative.events import StageReport
 from exo.speculative.metrics import MetricsSnapshot
 from exo.topology.partitioning import Stage
 
@@ -103,6 +104,13 @@ class Prepare(msgspec.Struct, frozen=True):
 
 class Release(msgspec.Struct, frozen=True):
     request_id: str
+
+
+class Released(msgspec.Struct, frozen=True):
+    """A stage's answer to `Release`: its final totals for the request (None: it held no state),
+    in the reply itself, so the origin has every stage's before it reports the request."""
+
+    report: StageReport | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True):

@@ -46,7 +46,7 @@ from exo.speculative.verifier import BlockJudge
 
 log = logging.getLogger("exo.ring")
 Send = Callable[[str, str, bytes, float], Awaitable[bytes]]  # (node id, method, payload, timeout)
-Spawn = Callable[[str, str, bytes], None]  # send in the background, failures logged
+Background = Callable[..., None]  # (async function, *args): run it in the node's long-lived group
 MAX_EARLY_ROLLBACKS = 8  # rollbacks held for later blocks while an earlier one is missing
 
 
@@ -102,6 +102,9 @@ class StageReports:
         self.keep_requests = keep_requests
 
     def record(self, report: StageReport) -> None:
+        previous = self.latest.get(report.node_id)
+        if previous is not None and previous.request_id == report.request_id and previous.block < 0:
+            return  # a late rollback report of a request whose final totals are in: they stay
         self.latest[report.node_id] = report
         self.requests.setdefault(report.request_id, []).append(report)
         self.requests.move_to_end(report.request_id)
@@ -117,8 +120,12 @@ class StageReports:
         return out
 
     def totals(self, request_id: str) -> dict[str, dict]:
-        """node id -> its latest counters for the request (final once it reported its release)."""
-        latest = {r.node_id: r for r in self.requests.get(request_id, [])}
+        """node id -> its latest counters for the request (final once it reported its release;
+        a final report is never overridden by a rollback's that arrived after it)."""
+        latest: dict[str, StageReport] = {}
+        for r in self.requests.get(request_id, []):
+            if r.node_id not in latest or latest[r.node_id].block >= 0:
+                latest[r.node_id] = r
         return {node: {"final": r.block < 0, "forwards": r.forwards, "forward_seconds": r.forward_seconds,
                        "tokens": r.tokens, "epochs": r.epoch, "dropped": r.dropped, "discarded": r.discarded,
                        "discarded_seconds": r.discarded_seconds, "messages": r.messages,
@@ -181,23 +188,31 @@ class RingStage:
             self._apply_rollback(event)
             return protocol.encode(protocol.Ack())
         if isinstance(event, StageReport):
-            self.reports.record(event)
+            self.accept_report(event)
+            return protocol.encode(protocol.Ack())
         self.events.publish(event)
         return protocol.encode(protocol.Ack())
 
-    async def on_release(self, payload: bytes) -> bytes:
-        self.release(decode_message(self._release, payload).request_id, report=True)
-        return protocol.encode(protocol.Ack())
+    def accept_report(self, report: StageReport) -> None:
+        """A stage's report reached this (origin) node: kept for the metrics, and published."""
+        self.reports.record(report)
+        self.events.publish(report)
 
-    def release(self, request_id: str, report: bool = False) -> None:
-        """Free the request; with `report`, send its origin this stage's final totals."""
+    async def on_release(self, payload: bytes) -> bytes:
+        """Free the request; the reply carries this stage's final totals for its origin."""
+        request_id = decode_message(self._release, payload).request_id
+        state = self.states.get(request_id)
+        final = self._stage_report(state, -1, request_id) if state is not None else None
+        self.release(request_id)
+        return protocol.encode(protocol.Released(final))
+
+    def release(self, request_id: str) -> None:
+        """Free the request (a pass still running for it is discarded when it ends)."""
         state = self.states.pop(request_id, None)
         self.released.append(request_id)
         if state is not None:
             state.failed = state.failed or "request released"
             state.notify()
-            if report:
-                self._report(state, -1, request_id)
         self.engine.free_cache(request_id)
 
     # -- one pass through this stage --------------------------------------------------------
@@ -381,18 +396,21 @@ class RingStage:
             self._report(state, event.block, event.request_id)
 
     def _report(self, state: StageState, block: int, request_id: str) -> None:
-        report = StageReport(request_id=request_id, node_id=self.id, timestamp=time.time(),
-                             shard=f"{state.shard.model_id}:{state.shard.start_layer}-{state.shard.end_layer}",
-                             block=block, cache_offset=self.engine.cache_offset(request_id),
-                             forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens,
-                             epoch=state.epoch, dropped=state.dropped, discarded=state.discarded,
-                             discarded_seconds=state.discarded_seconds, messages=state.messages,
-                             bytes_sent=state.bytes_sent)
+        """Tell the origin where this stage's cache stands after a rollback (in the background)."""
+        report = self._stage_report(state, block, request_id)
         if state.origin == self.id:
-            self.reports.record(report)
-            self.events.publish(report)
+            self.accept_report(report)
         else:
             self.spawn(state.origin, "Event", state.sent(self.codec.encode(report)))
+
+    def _stage_report(self, state: StageState, block: int, request_id: str) -> StageReport:
+        return StageReport(request_id=request_id, node_id=self.id, timestamp=time.time(),
+                           shard=f"{state.shard.model_id}:{state.shard.start_layer}-{state.shard.end_layer}",
+                           block=block, cache_offset=self.engine.cache_offset(request_id),
+                           forwards=state.forwards, forward_seconds=state.forward_seconds, tokens=state.tokens,
+                           epoch=state.epoch, dropped=state.dropped, discarded=state.discarded,
+                           discarded_seconds=state.discarded_seconds, messages=state.messages,
+                           bytes_sent=state.bytes_sent)
 
     # -- sending ------------------------------------------------------------------------------
     def _spawn_in_order(self, state: StageState, node_id: str, method: str, payload: bytes) -> None:
@@ -413,10 +431,14 @@ class RingStage:
 
     def spawn(self, node_id: str, method: str, payload: bytes) -> None:
         """Send in the background (events must not hold up the critical path)."""
+        self.background(self._deliver, node_id, method, payload)
+
+    def background(self, fn: Callable[..., Awaitable[None]], *args) -> None:
+        """Run `fn(*args)` in the node's long-lived task group (failures are its own to log)."""
         if self.group is None:
-            log.warning("node %s is not serving: %s to %s not sent", self.id, method, node_id)
+            log.warning("node %s is not serving: %s not started", self.id, getattr(fn, "__name__", fn))
             return
-        self.group.start_soon(self._deliver, node_id, method, payload)
+        self.group.start_soon(fn, *args)
 
     async def _deliver(self, node_id: str, method: str, payload: bytes) -> None:
         try:

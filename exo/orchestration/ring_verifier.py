@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import anyio
 import numpy as np
@@ -21,12 +22,14 @@ import numpy as np
 from exo.inference.generate import GenerationParams
 from exo.networking.grpc_transport import BadMessage
 from exo.orchestration import protocol
-from exo.orchestration.ring_stage import RingError, Send, Spawn
+from exo.orchestration.ring_stage import Background, RingError, Send
 from exo.speculative.drafters import DraftBlock
+from exo.speculative.events import StageReport
 from exo.speculative.verifier import Verdict, block_inputs, expected_cache
 from exo.topology.partitioning import Stage
 
 log = logging.getLogger("exo.ring")
+RELEASE_WAIT_S = 2.0  # how long a request's end waits for its stages' final reports
 
 
 @dataclass
@@ -109,10 +112,13 @@ class _Flight:
 
 
 class RingVerifier:
-    def __init__(self, node_id: str, send: Send, spawn: Spawn, inbox: ResultInbox, ring: list[Stage],
-                 model_id: str, n_layers: int, request_id: str, params: GenerationParams, pass_timeout_s: float,
-                 send_timeout_s: float):
-        self.node_id, self.send, self.spawn, self.inbox, self.ring = node_id, send, spawn, inbox, ring
+    def __init__(self, node_id: str, send: Send, background: Background, on_report: Callable[[StageReport], None],
+                 inbox: ResultInbox, ring: list[Stage], model_id: str, n_layers: int, request_id: str,
+                 params: GenerationParams, pass_timeout_s: float, send_timeout_s: float):
+        """`background` starts a task in the node's long-lived group; `on_report` takes each
+        stage's final report when the request is released."""
+        self.node_id, self.send, self.background, self.on_report = node_id, send, background, on_report
+        self.inbox, self.ring = inbox, ring
         self.model_id, self.n_layers, self.request_id, self.params = model_id, n_layers, request_id, params
         self.pass_timeout_s, self.send_timeout_s = pass_timeout_s, send_timeout_s
         # Mirrors the last stage's held row (see BlockJudge) after the last block submitted,
@@ -123,6 +129,7 @@ class RingVerifier:
         self.flights: dict[int, _Flight] = {}  # seq -> block in the ring, oldest first
         self.times = RingTimes()
         self._last_verdict = 0.0
+        self._released = protocol.decoder(protocol.Released)
 
     @property
     def stages(self) -> int:
@@ -218,9 +225,30 @@ class RingVerifier:
         return result
 
     async def close(self) -> None:
-        """Free the request on every stage, in the background: a dead or stalled stage must not
-        hold up the answer (its sender gives up after its own timeout)."""
+        """Free the request on every stage at once; each answers with its final report, so
+        they are all in before the request's end is reported. The releases run in the node's
+        background group: a dead or stalled stage holds this up for `RELEASE_WAIT_S` at most
+        (cancelled or not), and its release still goes out within its send timeout."""
         self.abandon()
         release = protocol.encode(protocol.Release(self.request_id))
+        answered = anyio.Event()
+        waiting = len(self.ring)
+
+        async def one(stage: Stage) -> None:
+            nonlocal waiting
+            try:
+                reply = self._released.decode(await self.send(stage.node_id, "Release", release,
+                                                              self.send_timeout_s))
+                if reply.report is not None:
+                    self.on_report(reply.report)
+            except Exception as exc:  # the stage frees it itself once abandoned (RingTimeouts.abandoned_s)
+                log.warning("release of request %s on node %s failed: %s", self.request_id, stage.node_id, exc)
+            finally:
+                waiting -= 1
+                if not waiting:
+                    answered.set()
+
         for stage in self.ring:
-            self.spawn(stage.node_id, "Release", release)
+            self.background(one, stage)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_WAIT_S):
+            await answered.wait()
