@@ -93,7 +93,8 @@ def one_request(client, model: str, prompt: str, mode: str, max_tokens: int, out
     text, tokens = [], None
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, extra_body={"speculative": {"enabled": mode == "speculative"}})
+        stream=True, stream_options={"include_usage": True},
+        extra_body={"speculative": {"enabled": mode == "speculative"}})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:

@@ -21,7 +21,7 @@ PROMPT = "Write a Python function that returns the n-th Fibonacci number iterati
 
 def stream(url: str, model: str | None, max_tokens: int, speculative: dict) -> dict:
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "speculative": speculative}
+            "stream": True, "stream_options": {"include_usage": True}, "speculative": speculative}
     if model:
         body["model"] = model
     text, tokens, first, usage = [], 0, None, {}
@@ -33,12 +33,14 @@ def stream(url: str, model: str | None, max_tokens: int, speculative: dict) -> d
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
+            usage = chunk.get("usage") or usage
+            if not chunk["choices"]:  # the last chunk: only the usage
+                continue
             choice = chunk["choices"][0]
             if choice["finish_reason"] is None:
                 first = first or time.perf_counter()
                 tokens += 1
             text.append(choice["delta"].get("content") or "")
-            usage = chunk.get("usage") or usage
     elapsed = time.perf_counter() - first
     return {"text": "".join(text), "tokens": tokens, "tokens_per_second": (tokens - 1) / elapsed, "usage": usage}
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import anyio
 import uvicorn
 
-from exo.api.access import warn_if_exposed
+from exo.api.access import parse_allowed_hosts, warn_if_exposed
 from exo.api.chatgpt_api import ChatGPTAPI
 from exo.cli_run import engine_pair, speculative_config
 from exo.inference.sources import ModelSourceError
 from exo.inference.sources.local import check_model_dir
 from exo.models import ModelRegistry
-from exo.networking.auth import secret_from
+from exo.networking.auth import is_loopback, secret_from
 from exo.networking.discovery import Discovery, DiscoveryConfigError, ManualDiscovery, UDPDiscovery
 from exo.networking.grpc_transport import LinkOptions
 from exo.networking.peer_info import PeerInfo, total_memory
@@ -60,6 +60,11 @@ def registered_models(specs: list[str]) -> ModelRegistry:
     return ModelRegistry(named)
 
 
+def downloads_allowed(args: argparse.Namespace) -> bool:
+    """Client-triggered model downloads: as the operator says, else only with the API on loopback."""
+    return is_loopback(args.host) if args.allow_model_downloads is None else args.allow_model_downloads
+
+
 async def serve_command(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"node-{uuid.uuid4().hex[:8]}"
     memory = int(args.node_memory * 1e9) if args.node_memory is not None else total_memory()
@@ -86,7 +91,8 @@ async def serve_command(args: argparse.Namespace) -> int:
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
                 cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models,
                 max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
-                queue_timeout_s=args.queue_timeout, max_batch_size=args.max_batch_size)
+                queue_timeout_s=args.queue_timeout, max_batch_size=args.max_batch_size,
+                allow_model_downloads=downloads_allowed(args))
     try:
         async with anyio.create_task_group() as group:
             await group.start(node.cluster.run)
@@ -95,7 +101,7 @@ async def serve_command(args: argparse.Namespace) -> int:
                 await node.shard_for(args.default_model)
                 if config.enabled and wants_draft_model(config, args.default_model):
                     await node.engine.ensure_draft(args.default_model, config.draft_model)
-            api = ChatGPTAPI(node, api_key=args.api_key)
+            api = ChatGPTAPI(node, api_key=args.api_key, allowed_hosts=parse_allowed_hosts(args.allowed_hosts))
             warn_if_exposed(args.host, args.api_key)
             server = uvicorn.Server(uvicorn.Config(api.app, host=args.host, port=args.chatgpt_api_port,
                                                    log_level="warning", lifespan="off"))

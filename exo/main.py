@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("EXO_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on every API route but /healthcheck "
                              "(default: $EXO_API_KEY; none: open)")
+    parser.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME[,NAME...]",
+                        help="Host names the API answers (repeatable or comma-separated; '*': any); others "
+                             "get 421, against DNS rebinding. IP literals are always answered (default: "
+                             "also localhost and this machine's name, plain and .local)")
+    parser.add_argument("--allow-model-downloads", action=argparse.BooleanOptionalAction, default=None,
+                        help="let a request name (as model or speculative.draft_model) a card whose weights are "
+                             "not on disk yet, which makes the node fetch it (default: only when the API listens "
+                             "on loopback; otherwise requests may name models on disk and the operator's own)")
     parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=PATH",
                         help="serve the model directory or .gguf file PATH as model NAME (repeatable); "
                              "requests can only name cards and models registered here")
@@ -86,7 +94,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                        help="add a further uniform random 0..J ms to each message's delay (messages may then "
                             "arrive out of order, as on a real network)")
     group.add_argument("--cluster-secret", default=None,
-                       help="shared secret every RPC call and UDP announcement of the cluster must carry "
+                       help="shared secret that signs every RPC call and UDP announcement of the cluster (never sent) "
                             "(default: $EXO_CLUSTER_SECRET; none: any host that reaches the RPC port can join)")
 
 

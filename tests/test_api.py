@@ -68,16 +68,16 @@ def test_a_request_picks_its_drafter_and_the_metrics_say_who_drafted(api):
 def test_streaming_sends_one_chunk_per_token_and_done(api):
     url, _ = api
     body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 12, "temperature": 0, "stream": True,
-            "speculative": {"enabled": True, "draft_tokens": 3}}
+            "stream_options": {"include_usage": True}, "speculative": {"enabled": True, "draft_tokens": 3}}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
     assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    *chunks, usage = [json.loads(e) for e in events[:-1]]
     token_chunks = [c for c in chunks if c["choices"][0]["finish_reason"] is None]
     assert len(token_chunks) == 12
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert streamed == chat(url, "count", max_tokens=12).json()["choices"][0]["message"]["content"]
 

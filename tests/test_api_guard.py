@@ -7,7 +7,9 @@ a stream starts, and for leaving the node serving the same greedy text afterward
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from exo.api.access import is_loopback, warn_if_exposed
+from exo.api.access import is_loopback, parse_allowed_hosts, warn_if_exposed
 from exo.api.limits import Limits, check_depth, Refused
 from exo.inference.engine import ContextLengthError
 from exo.inference.mlx.engine import MLXInferenceEngine
@@ -30,6 +32,7 @@ from tests.helpers.tiny_models import make_tiny_model
 LIMITS = Limits(max_body_bytes=256 * 1024, max_json_depth=32, max_prompt_chars=20_000)
 CONTEXT = 512  # max_position_embeddings of the tiny test models
 KEY = "s3cret-key"
+UNICODE_KEY = "clé-🔑"
 
 # -- a tripwire: any open/listdir/scandir under a watched directory is recorded --------------
 _WATCHED: list[str] = []
@@ -225,6 +228,121 @@ def test_draft_tokens_outside_the_depth_is_400_before_the_stream(api):
     assert "draft_tokens" in error["message"]
 
 
+def _counting(monkeypatch, tokenizer) -> list[str]:
+    """Records every chat template render and tokenization of `tokenizer`'s class."""
+    calls: list[str] = []
+    kind = type(tokenizer)
+    render, encode = kind.chat_prompt, kind.encode
+
+    def counted_render(self, messages):
+        calls.append("render")
+        return render(self, messages)
+
+    def counted_encode(self, text, *args, **kwargs):
+        calls.append("encode")
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "chat_prompt", counted_render)
+    monkeypatch.setattr(kind, "encode", counted_encode)
+    return calls
+
+
+def test_a_chat_is_measured_with_its_template_before_it_is_tokenized(api, monkeypatch):
+    url, node = api
+    calls = _counting(monkeypatch, node.tokenizer)
+
+    def many(count, content):
+        body = {"messages": [{"role": "user", "content": content}] * count, "max_tokens": 2}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+    error = error_of(many(LIMITS.max_messages + 1, ""), 400)  # the default cap, 2048
+    assert error["param"] == "messages" and error["code"] == "too_many_messages"
+    assert str(LIMITS.max_messages) in error["message"]
+    # 19,000 characters of content, 21,000 with 4 per message: refused before the template runs
+    error = error_of(many(500, "m" * 38), 400)
+    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+    assert calls == []
+    # 19,000 with the allowance, but the template renders 22,010 ("user: ...\n" each): never tokenized
+    error = error_of(many(1000, "n" * 15), 400)
+    assert error["param"] == "messages" and "22010 characters" in error["message"]
+    assert calls == ["render"]
+
+
+@pytest.fixture(scope="module")
+def roomy(tiny_llama):
+    """A node with the default limits (a 4 MiB body holds 100k messages)."""
+    with running_api(str(tiny_llama), SpeculativeConfig(), max_generate_tokens=8) as (url, node):
+        yield url, node
+
+
+def test_a_chat_of_100k_empty_messages_is_refused_while_the_node_serves_others(roomy):
+    url, _ = roomy
+    body = json.dumps({"messages": [{"role": "user", "content": ""}] * 100_000, "max_tokens": 1}).encode()
+    assert len(body) < 4 * 1024 * 1024
+    answered = {}
+
+    def post() -> None:
+        answered["response"] = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=120,
+                                          headers={"content-type": "application/json"})
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    waits = []
+    while True:  # the event loop must stay free: a health check during the request is answered at once
+        started = time.monotonic()
+        assert httpx.get(f"{url}/healthcheck", timeout=60).status_code == 200
+        waits.append(time.monotonic() - started)
+        if not worker.is_alive():
+            break
+        time.sleep(0.01)
+    worker.join(120)
+    error = error_of(answered["response"], 400)
+    assert error["param"] == "messages" and error["code"] == "too_many_messages"
+    assert max(waits) < 1.0, waits
+
+
+def test_a_chat_under_the_caps_is_rendered_and_tokenized_off_the_event_loop(roomy):
+    url, _ = roomy
+    messages = [{"role": "user", "content": f"{i} " + "w" * 400} for i in range(2048)]  # ~830k characters
+    answered = {}
+
+    def post() -> None:
+        answered["response"] = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=120)
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    waits = []
+    while True:
+        started = time.monotonic()
+        assert httpx.get(f"{url}/healthcheck", timeout=60).status_code == 200
+        waits.append(time.monotonic() - started)
+        if not worker.is_alive():
+            break
+        time.sleep(0.01)
+    worker.join(120)
+    assert error_of(answered["response"], 400)["code"] == "context_length_exceeded"  # 512 tokens
+    assert max(waits) < 1.0, waits
+
+
+def test_completions_prompt_lists_and_their_choices_are_capped_before_tokenizing(api, monkeypatch):
+    url, node = api
+    calls = _counting(monkeypatch, node.tokenizer)
+
+    def complete(prompt, **extra):
+        return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra}, timeout=60)
+
+    for prompt in (["p"] * (LIMITS.max_prompts + 1), [[5]] * (LIMITS.max_prompts + 1), ["p"] * 30_000):
+        error = error_of(complete(prompt), 400)
+        assert error["param"] == "prompt" and error["code"] == "too_many_prompts"
+    error = error_of(complete(["a", "b", "c"], n=3), 400)  # 9 generations: over the 8 one response may hold
+    assert error["param"] == "n" and "9 generations" in error["message"]
+    assert calls == []
+    monkeypatch.undo()
+    served = complete(["a", "b", "c", "d"], n=2, temperature=0)
+    assert served.status_code == 200 and [c["index"] for c in served.json()["choices"]] == list(range(8))
+    assert complete([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], temperature=0).status_code == 200  # token ids: one prompt
+
+
 # -- models are the node's ---------------------------------------------------------------------
 @pytest.fixture
 def tripwire(tmp_path):
@@ -352,6 +470,69 @@ def test_exposed_without_key_warns(caplog):
     assert len(caplog.records) == 1 and "--api-key" in caplog.records[0].getMessage()
 
 
+# -- the Host names the API answers (DNS rebinding) -----------------------------------------------
+@pytest.fixture(scope="module")
+def unicode_keyed(tiny_llama):
+    """A node whose key is not ASCII; nothing here loads a model."""
+    with running_api(str(tiny_llama), SpeculativeConfig(), api_options={"api_key": UNICODE_KEY}) as (url, node):
+        yield url, node
+
+
+def _get(url: str, path: str, host: str | None = None, **headers) -> httpx.Response:
+    return httpx.get(f"{url}{path}", headers={**({"host": host} if host else {}), **headers}, timeout=10)
+
+
+def test_a_non_ascii_api_key_authenticates_with_its_utf8_bytes(unicode_keyed):
+    url, _ = unicode_keyed
+    good = b"Bearer " + UNICODE_KEY.encode("utf-8")
+    for header in (good, b"bearer  " + good[7:]):  # any case of the scheme, spaces around the key
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": header}, timeout=10).status_code == 200
+    for bad in (b"Bearer " + "clé-".encode("utf-8"), b"Bearer " + UNICODE_KEY.encode("utf-8") + b"x",
+                b"Bearer " + "clé".encode("latin-1") + "-🔑".encode("utf-8"), b"Bearer cl\xc3"):
+        response = httpx.get(f"{url}/v1/models", headers={"authorization": bad}, timeout=10)
+        assert error_of(response, 401)["code"] == "invalid_api_key"
+
+
+def test_a_foreign_host_gets_421_on_every_path_before_the_key(unicode_keyed):
+    url, _ = unicode_keyed
+    port = url.rsplit(":", 1)[1]
+    auth = {"authorization": b"Bearer " + UNICODE_KEY.encode("utf-8")}
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "localhost.evil.example",
+                 f"{socket.gethostname()}.evil.example", "::1", "[::1", "host:port"):
+        for path in ("/healthcheck", "/v1/models", "/no/such/route"):
+            error = error_of(httpx.get(f"{url}{path}", headers={"host": host, **auth}, timeout=10), 421)
+            assert error["code"] == "host_not_allowed" and error["type"] == "invalid_request_error"
+        response = httpx.post(f"{url}/v1/chat/completions", content=b"x", timeout=10,
+                              headers={"host": host, "content-type": "text/plain"})
+        assert error_of(response, 421)["code"] == "host_not_allowed"  # before the key and the media type
+    own = socket.gethostname()
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", "10.1.2.3", f"[::1]:{port}", "[::1]", "localhost",
+                 f"LocalHost:{port}", own, f"{own}:{port}", f"{own.split('.')[0]}.local:{port}", "localhost."):
+        assert _get(url, "/healthcheck", host).status_code == 200, host
+        assert error_of(_get(url, "/v1/models", host), 401)["code"] == "invalid_api_key"
+        assert _get(url, "/v1/models", host, **auth).status_code == 200, host
+
+
+def test_allowed_hosts_replace_the_default_names_and_star_allows_any(tiny_llama):
+    with running_api(str(tiny_llama), SpeculativeConfig(),
+                     api_options={"allowed_hosts": ["api.example", "Other.Example:8080"]}) as (url, _):
+        for host in ("api.example", "API.example:443", "other.example", "127.0.0.1", "[::1]:1"):
+            assert _get(url, "/healthcheck", host).status_code == 200, host
+        for host in ("localhost", "evil.example", "api.example.evil"):
+            assert error_of(_get(url, "/healthcheck", host), 421)["code"] == "host_not_allowed"
+    with running_api(str(tiny_llama), SpeculativeConfig(), api_options={"allowed_hosts": ["*"]}) as (url, _):
+        for host in ("evil.example", "localhost", "anything:1"):
+            assert _get(url, "/healthcheck", host).status_code == 200, host
+
+
+def test_allowed_hosts_flag_is_repeatable_and_comma_separated():
+    from exo.main import build_parser
+
+    args = build_parser().parse_args(["--allowed-hosts", "a.example, b.example", "--allowed-hosts", "*"])
+    assert parse_allowed_hosts(args.allowed_hosts) == ["a.example", "b.example", "*"]
+    assert parse_allowed_hosts(build_parser().parse_args([]).allowed_hosts) is None  # the default names
+
+
 # -- the engines refuse too (exo run and the ring do not go through the API) -------------------
 async def _check_engine_guard(engine, model_dir, limit):
     shard = await engine.full_shard(str(model_dir))
@@ -477,3 +658,28 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(api, monkeypa
     while node.live_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert node.live_requests() == []
+
+
+# -- what a client may make the node load --------------------------------------------------------
+def test_a_client_cannot_make_the_node_fetch_a_model(api):
+    """A card not on disk, as model or as draft, is refused before any fetch (a client once
+    could make the node download up to a 70B model); the node keeps serving."""
+    url, node = api
+    assert not node.allow_model_downloads
+    error = error_of(chat(url, model="llama-3.1-70b"), 404)
+    assert error["code"] == "model_not_on_disk" and error["param"] == "model"
+    error = error_of(chat(url, speculative={"enabled": True, "draft_model": "llama-3.2-1b"}), 400)
+    assert "not on this node's disk" in error["message"] and error["param"] == "speculative"
+    assert "llama-3.1-70b" not in node._full_shards
+
+
+def test_client_downloads_are_off_by_default_beyond_loopback():
+    from exo.cli_node import downloads_allowed
+    from exo.main import build_parser
+
+    parse = build_parser().parse_args
+    assert downloads_allowed(parse(["--host", "127.0.0.1"]))
+    assert not downloads_allowed(parse(["--host", "0.0.0.0"]))
+    assert not downloads_allowed(parse([]))  # the default host is 0.0.0.0
+    assert downloads_allowed(parse(["--host", "0.0.0.0", "--allow-model-downloads"]))
+    assert not downloads_allowed(parse(["--host", "127.0.0.1", "--no-allow-model-downloads"]))

@@ -234,16 +234,17 @@ def test_n_choices_stream_with_their_index(api):
     url, _ = api
     sampled = {"temperature": 1.0, "seed": 9, "max_tokens": 10}
     whole = [c["message"]["content"] for c in chat(url, n=2, **sampled).json()["choices"]]
-    body = {"messages": [{"role": "user", "content": "hello there"}], "stream": True, "n": 2, **sampled}
+    body = {"messages": [{"role": "user", "content": "hello there"}], "stream": True, "n": 2,
+            "stream_options": {"include_usage": True}, **sampled}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
     texts = {0: "", 1: ""}
-    for c in chunks:
+    for c in chunks[:-1]:
         texts[c["choices"][0]["index"]] += c["choices"][0]["delta"].get("content") or ""
     assert [texts[0], texts[1]] == whole
-    assert sum(1 for c in chunks if c["choices"][0]["finish_reason"]) == 2
-    assert chunks[-1]["usage"]["completion_tokens"] == 20
+    assert sum(1 for c in chunks[:-1] if c["choices"][0]["finish_reason"]) == 2
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
 
 
 def test_n_with_the_openai_client_and_its_cap(api):
@@ -363,6 +364,115 @@ def test_openai_client_sees_the_refusal(api, baseline):
             messages=[{"role": "user", "content": "call f"}])
     assert raised.value.body["param"] == "tools"
     assert chat(url).json()["choices"][0]["message"]["content"] == baseline[0]
+
+
+# -- streamed usage: only when asked, in its own last chunk -------------------------------------
+def _stream(url: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_a_stream_carries_usage_only_when_asked_in_a_last_chunk_without_choices(api):
+    url, _ = api
+    chat_body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 6, "temperature": 0,
+                 "stream": True, "n": 2}
+    completion_body = {"prompt": ["abc", "xyz"], "max_tokens": 5, "temperature": 0, "stream": True}
+    for path, body, tokens in (("/v1/chat/completions", chat_body, 12), ("/v1/completions", completion_body, 10)):
+        for options in (None, {}, {"include_usage": False}):
+            extra = {} if options is None else {"stream_options": options}
+            chunks = _stream(url, path, {**body, **extra})
+            assert all(c.get("usage") is None and len(c["choices"]) == 1 for c in chunks), path
+        chunks = _stream(url, path, {**body, "stream_options": {"include_usage": True}})
+        *choices, last = chunks
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == tokens
+        assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + tokens
+        assert last["id"] == choices[0]["id"] and last["object"] == choices[0]["object"]
+        assert all(len(c["choices"]) == 1 and "usage" in c and c["usage"] is None for c in choices)  # as OpenAI
+        assert sorted(c["choices"][0]["index"] for c in choices if c["choices"][0]["finish_reason"]) == [0, 1]
+
+
+def test_stream_options_without_stream_is_a_400(api):
+    url, _ = api
+    for stream in (False, None):
+        extra = {"stream_options": {"include_usage": True}, **({"stream": stream} if stream is not None else {})}
+        for response in (chat(url, **extra), complete(url, **extra)):
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "stream_options" and "only allowed when stream is true" in error["message"]
+
+
+def test_openai_client_streams_usage_when_asked(api):
+    url, node = api
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    chunks = list(client.chat.completions.create(model=node.default_model, max_tokens=5, temperature=0,
+                                                 stream=True, messages=messages))
+    assert all(c.usage is None and c.choices for c in chunks)
+    chunks = list(client.chat.completions.create(model=node.default_model, max_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, messages=messages))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-2].choices[0].finish_reason == "length"
+    completion = list(client.completions.create(model=node.default_model, prompt="abc", max_tokens=4, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+    assert completion[-1].choices == [] and completion[-1].usage.completion_tokens == 4
+
+
+# -- the request's fields: as OpenAI checks them ------------------------------------------------
+def test_more_than_four_stop_strings_is_a_400(api, baseline):
+    url, _ = api
+    for response in (chat(url, stop=["a", "b", "c", "d", "e"]), complete(url, stop=["a", "b", "c", "d", "e"])):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "stop"
+    assert chat(url, stop=["\x00", "\x01", "\x02", "\x03"]).json()["choices"][0]["message"]["content"] == baseline[0]
+
+
+@pytest.mark.parametrize("path,field", [("/v1/chat/completions", "temprature"), ("/v1/chat/completions", "prompt"),
+                                        ("/v1/chat/completions", "echo"), ("/v1/completions", "messages"),
+                                        ("/v1/completions", "max_token"), ("/v1/completions", "tools")])
+def test_an_unknown_field_is_unrecognized_as_openai_says(api, path, field):
+    url, _ = api
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}
+    response = httpx.post(f"{url}{path}", json={**base, "max_tokens": 2, field: 1}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"] == f"Unrecognized request argument supplied: {field}" and error["param"] == field
+
+
+IGNORED = {"user": "someone", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+           "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"},
+           "reasoning_effort": "low", "prompt_cache_key": "k", "safety_identifier": "s", "verbosity": "medium",
+           "web_search_options": None, "audio": None, "modalities": ["text"], "function_call": "none",
+           "functions": [], "max_completion_tokens": 20, "seed": 3, "top_k": 0}
+
+
+def test_every_openai_field_the_node_does_not_need_is_accepted(api, baseline):
+    url, node = api
+    assert chat(url, **IGNORED).json()["choices"][0]["message"]["content"] == baseline[0]
+    legacy = {"user": "someone", "echo": False, "suffix": None, "best_of": 1, "logit_bias": {}, "seed": 3}
+    assert complete(url, **legacy).json()["choices"][0]["text"] == baseline[1]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    reply = client.chat.completions.create(model=node.default_model, max_tokens=20, temperature=0, user="u",
+                                           metadata={"k": "v"}, store=False, service_tier="auto",
+                                           messages=[{"role": "user", "content": "hello there"}])
+    assert reply.choices[0].message.content == baseline[0]
+    refused = chat(url, web_search_options={"search_context_size": "low"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "web_search_options"
+
+
+def test_a_message_without_content_is_a_400_but_an_assistants(api):
+    url, _ = api
+    for message in ({"role": "user"}, {"role": "user", "content": None}, {"role": "system", "content": None}):
+        body = {"messages": [{"role": "user", "content": "hi"}, message], "max_tokens": 2}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "messages[1].content"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+             {"role": "user", "content": ""}]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": turns, "max_tokens": 2}, timeout=30)
+    assert response.status_code == 200, response.text
 
 
 # -- through a real ring ----------------------------------------------------------------------

@@ -115,6 +115,31 @@ def test_metrics_endpoint_has_the_expected_families_and_they_move(api):
     assert after["exo_ring_stage_compute_seconds_total"]["samples"] == {}  # no ring: nothing to report
 
 
+def test_generated_tokens_stop_at_a_stop_string_inside_a_block(api, tiny_llama):
+    """A perfect draft verifies blocks of 5 tokens; a stop string cuts one mid-block and the
+    rest of it was never generated for anyone: the counter moves by what the response reports."""
+    url, _ = api
+    speculative = {"enabled": True, "draft_model": str(tiny_llama), "draft_tokens": 4,
+                   "adaptive_speculation": False}
+
+    def chat(**extra):
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "stop me"}], "max_tokens": 20, "temperature": 0,
+            "speculative": speculative, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    full = chat()["choices"][0]["message"]["content"]
+    assert len(full) >= 12
+    for cut in range(2, 12, 3):  # cuts at different tokens: some inside a block
+        stop = full[cut:cut + 2]
+        before = value(scrape(url), "exo_generated_tokens_total")
+        body = chat(stop=[stop])
+        moved = value(scrape(url), "exo_generated_tokens_total") - before
+        assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["speculative"]["drafted_tokens"] > 0
+        assert moved == body["usage"]["completion_tokens"] < 20, stop
+
+
 def test_rejections_are_counted_by_reason(api):
     url, node = api
     before = value(scrape(url), "exo_requests_rejected_total", reason="queue_full")

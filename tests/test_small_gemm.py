@@ -67,6 +67,22 @@ def test_every_transpose_stride_and_scaling_matches_numpy(sgemm, m, n, k):
             assert (out[:, n:] == 7.0).all()  # nothing written past each row of C
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 7, 3), (2, 16, 8), (5, 33, 15), (64, 30, 20)])
+def test_alpha_zero_reads_neither_a_nor_b(sgemm, m, n, k):
+    """BLAS: with alpha 0, C = beta C and A, B are not read (0 * NaN must not reach C)."""
+    rng = np.random.default_rng(m + n + k)
+    for trans_a, trans_b in itertools.product((NO_TRANS, TRANS), repeat=2):
+        a = np.full((k, m) if trans_a == TRANS else (m, k), np.nan, dtype=np.float32)
+        b = np.full((n, k) if trans_b == TRANS else (k, n), np.inf, dtype=np.float32)
+        c = rng.standard_normal((m, n)).astype(np.float32)
+        for beta, expected in ((0.0, np.zeros_like(c)), (0.5, 0.5 * c), (1.0, c)):
+            out = padded(c if beta else np.full((m, n), np.nan, dtype=np.float32), 2)  # beta 0: C is not read
+            sgemm(ROW_MAJOR, trans_a, trans_b, m, n, k, 0.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1],
+                  beta, out.ctypes.data, out.shape[1])
+            assert np.array_equal(out[:, :n], expected), f"trans {trans_a},{trans_b} beta {beta}"
+            assert (out[:, n:] == 7.0).all()
+
+
 @pytest.mark.parametrize("rows", [1, 4, 33, 200])
 def test_mlx_matmuls_on_the_kernel_match_numpy(sgemm, rows):
     import mlx.core as mx

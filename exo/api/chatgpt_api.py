@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from functools import partial
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import anyio
 import msgspec
@@ -27,8 +27,8 @@ from exo.api.choices import Choice, ChoiceError, choice_params, requested_choice
 from exo.api.limits import Limits, Refused
 from exo.api.produced import ProducedStream
 from exo.api.logprobs import TokenText, chat_logprobs, completion_logprobs
-from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Usage
-from exo.api.unsupported import unsupported_parameter
+from exo.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, Message, Usage
+from exo.api.unsupported import unrecognized_argument, unsupported_parameter
 from exo.inference.cache_table import CacheTableFull
 from exo.inference.text_stream import TextStream
 from exo.inference.generate import GenerationParams
@@ -37,7 +37,7 @@ from exo.inference.logprobs import TokenLogprob
 from exo.inference.sources import ModelSourceError, ModelStore
 from exo.models import UnknownModelError
 from exo.orchestration.admission import AdmissionRejected
-from exo.orchestration.node import Node
+from exo.orchestration.node import ModelNotOnDisk, Node
 from exo.orchestration.ring_stage import RingError
 from exo.speculative.config import AUTO, ConfigError
 
@@ -69,7 +69,9 @@ def _json_response(value: Any, status: int = 200, headers: dict[str, str] | None
 
 class ChatGPTAPI:
     def __init__(self, node: Node, disconnect_poll_s: float = 0.25, *, api_key: str | None = None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), allowed_hosts: Iterable[str] | None = None):
+        """`allowed_hosts`: the Host names the API answers (None: IP literals, localhost and this
+        machine's name; "*": any), see AccessGuard."""
         self.node = node
         self.disconnect_poll_s = disconnect_poll_s
         self.limits = limits
@@ -85,7 +87,7 @@ class ChatGPTAPI:
         ], exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
                                Exception: self._internal_error})
         self.app.add_exception_handler(Refused, self._refused)
-        self.app.add_middleware(AccessGuard, api_key=api_key)
+        self.app.add_middleware(AccessGuard, api_key=api_key, allowed_hosts=allowed_hosts)
 
     # -- errors ------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: APIError) -> Response:
@@ -154,11 +156,16 @@ class ChatGPTAPI:
         body = await self._parse(request, ChatCompletionRequest, chat=True)
         if not body.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
-        limits.check_prompt_chars(sum(len(m.text()) for m in body.messages), self.limits.max_prompt_chars,
-                                  "messages")
+        _check_contents(body.messages)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        limit = self.limits.max_prompt_chars
+        limits.check_prompt_chars(limits.chat_chars([m["content"] for m in messages]), limit, "messages")
         tokenizer = await self._tokenizer(body.model)
-        prompt = tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await self._respond(request, body, [tokenizer.encode(prompt)], chat=True)
+        # The template's cost grows with the chat: rendered and tokenized off the event loop.
+        prompt = await anyio.to_thread.run_sync(tokenizer.chat_prompt, messages)
+        limits.check_prompt_chars(len(prompt), limit, "messages")  # the template's own text counts too
+        return await self._respond(request, body, [await anyio.to_thread.run_sync(tokenizer.encode, prompt)],
+                                   chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest, chat=False)
@@ -171,10 +178,12 @@ class ChatGPTAPI:
         limits.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), self.limits.max_prompt_chars,
                                   "prompt")
         tokenizer = await self._tokenizer(body.model)
-        return await self._respond(request, body, [tokenizer.encode(p) if isinstance(p, str) else p
-                                                   for p in prompts], chat=False)
+        return await self._respond(request, body, await anyio.to_thread.run_sync(_encoded, tokenizer, prompts),
+                                   chat=False)
 
     async def _parse(self, request: Request, kind: type, chat: bool) -> Any:
+        """The request body, decoded and checked: its sizes first (before anything loops over
+        them), then its values, then its fields against what OpenAI's endpoint knows."""
         raw = await limits.read_body(request, self.limits.max_body_bytes)
         limits.check_depth(raw, self.limits.max_json_depth)
         try:
@@ -183,11 +192,33 @@ class ChatGPTAPI:
             raise APIError(400, f"invalid request: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise APIError(400, f"malformed JSON: {exc}") from exc
+        self._check_sizes(body, chat)
         limits.check_sampling(body)
-        refused = unsupported_parameter(msgspec.json.decode(raw), chat)
+        fields = msgspec.json.decode(raw)
+        unknown = unrecognized_argument(fields, chat)
+        if unknown is not None:
+            raise APIError(400, f"Unrecognized request argument supplied: {unknown}", unknown,
+                           "unrecognized_argument")
+        refused = unsupported_parameter(fields, chat)
         if refused is not None:
             raise APIError(400, refused[1], refused[0], "unsupported_parameter")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         return body
+
+    def _check_sizes(self, body: Any, chat: bool) -> None:
+        """How many messages, prompts (times n) and stop strings: each multiplies later work."""
+        limits.check_stops(body.stops())
+        try:
+            n = requested_choices(body)
+        except ChoiceError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
+        if chat:
+            limits.check_messages(len(body.messages), self.limits.max_messages)
+            return
+        # A list of token ids is one prompt; a mixed list is refused later (counted as a list here).
+        listed = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
+        limits.check_prompts(len(body.prompt) if listed else 1, n, self.limits.max_prompts)
 
     def _model_id(self, name: str | None, param: str = "model") -> str:
         """The node's model for a client's name (404, the same for any unknown name)."""
@@ -200,6 +231,8 @@ class ChatGPTAPI:
         model_id = self._model_id(model)
         try:
             await self.node.shard_for(model_id)
+        except ModelNotOnDisk as exc:
+            raise APIError(404, str(exc), "model", "model_not_on_disk") from exc
         except UnknownModelError as exc:
             raise APIError(404, str(exc), "model", "model_not_found") from exc
         except ModelSourceError as exc:
@@ -246,11 +279,13 @@ class ChatGPTAPI:
             await self.node.check_draft(model_id, config)
         except ConfigError as exc:
             raise APIError(400, str(exc), "speculative") from exc
+        except AdmissionRejected as exc:  # its draft could not be swapped in while others use another
+            raise _rejected(exc) from exc
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model or self.node.default_model
         tokenizer = self.node.tokenizer
         for prompt in prompts:
-            if any(not 0 <= t < len(tokenizer) for t in prompt):
+            if prompt and (min(prompt) < 0 or max(prompt) >= len(tokenizer)):
                 raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{len(tokenizer) - 1})",
                                "prompt")
         # Choice i*n + j is prompt i's j-th generation; choice 0 keeps the response's id.
@@ -281,7 +316,8 @@ class ChatGPTAPI:
                                 if not chat:
                                     choice.decoded = len(tokenizer.decode(text.ids))
                             await emit(delta, entry, offset)
-                            if text.stopped:
+                            if text.stopped:  # the rest of the block is never sent: not generated for anyone
+                                self.node.counters.unsent(len(block.tokens) - i - 1)
                                 return
             except ConfigError as exc:
                 raise APIError(400, str(exc), "speculative") from exc
@@ -311,7 +347,9 @@ class ChatGPTAPI:
             return chat_logprobs(entries, token_text) if chat else completion_logprobs(entries, offsets, token_text)
 
         if body.stream:  # admitted before the 200 goes out; the slot is held for the whole stream
-            sse = partial(self._sse, request_id, model, created, chat, choices, deltas, finish_reason, usage, render)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            sse = partial(self._sse, request_id, model, created, chat, choices, deltas, finish_reason,
+                          usage if include_usage else None, render)
             stream = ProducedStream(sse, media_type="text/event-stream")
             return AdmittedResponse(lambda: self.node.admit(request_id), stream,
                                     lambda exc: self._refusal(_rejected(exc)))
@@ -367,23 +405,27 @@ class ChatGPTAPI:
     async def _sse(self, request_id: str, model: str, created: int, chat: bool, choices: list[Choice],
                    deltas: Callable[[Choice, Callable[[str, TokenLogprob | None, int], Awaitable[None]]],
                                     Awaitable[None]],
-                   finish_reason: Callable[[Choice], str], usage: Callable[[], Usage],
+                   finish_reason: Callable[[Choice], str], usage: Callable[[], Usage] | None,
                    render: Callable[[list[TokenLogprob], list[int]], dict | None],
                    write: Callable[[bytes], Awaitable[None]]) -> None:
         """Per choice (one after another, each chunk naming its index): one chunk per token, then
-        a final chunk (held-back text, finish_reason); the last one carries the usage. Then [DONE]."""
+        a final chunk (held-back text, finish_reason). With `usage` (the client's
+        `stream_options.include_usage`), as OpenAI: every chunk carries `usage: null` and one
+        more chunk, `choices: []`, the usage. Then [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": request_id, "object": kind, "created": created, "model": model}
+
+        def event(items: list[dict], **extra: Any) -> bytes:
+            unset = {"usage": None} if usage is not None else {}
+            return b"data: " + _json.encode({**head, "choices": items, **unset, **extra}) + b"\n\n"
 
         def chunk(index: int, delta: str | None, finish: str | None, logprobs: dict | None = None,
-                  extra: dict | None = None, first: bool = False) -> bytes:
+                  first: bool = False) -> bytes:
             if chat:
                 payload = {"role": "assistant", "content": delta} if first else (
                     {"content": delta} if delta is not None else {})
-                choice = {"index": index, "delta": payload, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
-            body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
-            return b"data: " + _json.encode({**body, **(extra or {})}) + b"\n\n"
+                return event([{"index": index, "delta": payload, "logprobs": logprobs, "finish_reason": finish}])
+            return event([{"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}])
 
         try:
             for choice in choices:
@@ -397,8 +439,9 @@ class ChatGPTAPI:
                     first = False
 
                 await deltas(choice, token_chunk)
-                extra = {"usage": msgspec.to_builtins(usage())} if choice is choices[-1] else None
-                await write(chunk(choice.index, choice.text.flush() or None, finish_reason(choice), extra=extra))
+                await write(chunk(choice.index, choice.text.flush() or None, finish_reason(choice)))
+            if usage is not None:
+                await write(event([], usage=msgspec.to_builtins(usage())))
         except APIError as exc:
             await write(b"data: " + _json.encode(exc.body) + b"\n\n")
         except Exception as exc:  # the stream has started; report in-band rather than drop the connection
@@ -406,3 +449,17 @@ class ChatGPTAPI:
             error = ErrorResponse(ErrorBody(f"generation failed: {exc}", "server_error"))
             await write(b"data: " + _json.encode(error) + b"\n\n")
         await write(b"data: [DONE]\n\n")
+
+
+def _check_contents(messages: list[Message]) -> None:
+    """Every message but an assistant's must have content, as OpenAI requires (an assistant
+    turn may have none: OpenAI allows it beside tool calls)."""
+    for i, message in enumerate(messages):
+        if message.content is None and message.role != "assistant":
+            raise APIError(400, f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content",
+                           "missing_required_parameter")
+
+
+def _encoded(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of each completions prompt (text is tokenized; ids are kept as sent)."""
+    return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]

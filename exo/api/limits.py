@@ -1,8 +1,9 @@
 """What a request may ask of the node, checked before any work is done.
 
-Every check here runs before a model is loaded, a tokenizer called or a stream started, so
-a hostile or careless request costs the node a few microseconds and gets a 4xx in the
-OpenAI error shape instead of hanging, crashing or being served garbage.
+Every check here runs before a model is loaded, a chat template rendered, a tokenizer called
+or a stream started (the one exception, the rendered chat's length, before it is tokenized),
+so a hostile or careless request costs the node little and gets a 4xx in the OpenAI error
+shape instead of hanging, stalling every other client, crashing or being served garbage.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import msgspec
 import numpy as np
 from starlette.requests import Request
 
+from exo.api.unsupported import MAX_CHOICES
+
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The node's caps on one request (operator-tunable; defaults suit a single node)."""
 
     max_body_bytes: int = 4 * 1024 * 1024  # 413 above
     max_json_depth: int = 32  # nesting of objects/arrays; the decoder recurses per level
-    max_prompt_chars: int = 1_000_000  # never hand the tokenizer more than this
+    max_prompt_chars: int = 1_000_000  # never hand the chat template or the tokenizer more than this
+    max_messages: int = 2048  # a chat's messages: the template renders each (long agent sessions fit)
+    max_prompts: int = MAX_CHOICES  # a completions prompt list; and prompts x n <= MAX_CHOICES generations
+
+
+# Characters any chat template adds per message at the least (a role name, a separator): with
+# the content, a lower bound on the rendered prompt, checked before rendering it.
+MESSAGE_OVERHEAD_CHARS = 4
+MAX_STOPS = 4  # OpenAI's limit on `stop` strings
 
 
 class Refused(Exception):
@@ -98,6 +109,35 @@ def check_sampling(body: Any) -> None:
 def _out_of_range(name: str, value: Any, allowed: str) -> Refused:
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return Refused(400, f"invalid {name}: {shown}; it must be {allowed}", name, "invalid_value")
+
+
+def check_messages(count: int, limit: int) -> None:
+    """Refuse a chat with more messages than the node renders (the template loops over each)."""
+    if count > limit:
+        raise Refused(400, f"the chat has {count} messages; this node accepts at most {limit}", "messages",
+                      "too_many_messages")
+
+
+def check_prompts(count: int, n: int, limit: int) -> None:
+    """Refuse a completions prompt list over the cap, or more generations (prompts x n) than
+    one response may hold: each is a full generation under the request's one admission."""
+    if count > limit:
+        raise Refused(400, f"the prompt list has {count} prompts; this node accepts at most {limit}", "prompt",
+                      "too_many_prompts")
+    if count * n > MAX_CHOICES:
+        raise Refused(400, f"{count} prompts x n={n} is {count * n} generations; at most {MAX_CHOICES} are "
+                      "allowed per request", "n", "too_many_choices")
+
+
+def check_stops(stops: list[str]) -> None:
+    """At most MAX_STOPS stop strings, as OpenAI allows (each is searched for at every token)."""
+    if len(stops) > MAX_STOPS:
+        raise Refused(400, f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed", "stop", "invalid_value")
+
+
+def chat_chars(contents: list[str]) -> int:
+    """A lower bound on the rendered chat's length: its content plus each message's overhead."""
+    return sum(len(c) for c in contents) + MESSAGE_OVERHEAD_CHARS * len(contents)
 
 
 def check_prompt_chars(chars: int, limit: int, param: str) -> None:

@@ -44,6 +44,13 @@ class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenAI's `stream_options` (only with `stream: true`)."""
+
+    include_usage: bool | None = None  # one extra chunk, `choices: []`, carrying the usage
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; nothing to pad here
+
+
 class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
     model: str | None = None
     max_tokens: int | None = None
@@ -54,6 +61,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     speculative: SpeculativeOverrides | None = None
     n: int | None = None  # choices, each its own generation
 

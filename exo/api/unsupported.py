@@ -1,7 +1,9 @@
 """Request parameters this node does not implement: refused by name instead of ignored.
 
 A client that asks for JSON mode, tools, penalties, logit bias, echo, images or audio and
-silently gets something else has been lied to; a 400 naming the parameter tells it.
+silently gets something else has been lied to; a 400 naming the parameter tells it. A
+parameter no OpenAI endpoint knows (a typo: `max_token`, `temprature`) is refused as OpenAI
+refuses it, "Unrecognized request argument supplied".
 """
 
 from __future__ import annotations
@@ -9,6 +11,31 @@ from __future__ import annotations
 from typing import Any
 
 MAX_CHOICES = 8  # n: each choice is a full generation
+
+# Every top-level field of OpenAI's request bodies, plus this node's own (`speculative`,
+# `top_k`; `max_completion_tokens` on completions too). Known fields this node does not
+# implement are refused by `unsupported_parameter` below; the rest it honours or, where they
+# change nothing about the text (user, metadata, store, service_tier, prompt_cache_key, ...),
+# accepts and ignores.
+_NODE_PARAMETERS = frozenset({"speculative", "top_k"})
+_SHARED_PARAMETERS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs",
+    "user", "presence_penalty", "frequency_penalty", "logit_bias", "max_completion_tokens",
+})
+CHAT_PARAMETERS = _SHARED_PARAMETERS | _NODE_PARAMETERS | frozenset({
+    "messages", "top_logprobs", "metadata", "store", "service_tier", "parallel_tool_calls", "response_format",
+    "tools", "tool_choice", "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+    "web_search_options", "prompt_cache_key", "safety_identifier", "verbosity",
+})
+COMPLETION_PARAMETERS = _SHARED_PARAMETERS | _NODE_PARAMETERS | frozenset({"prompt", "echo", "suffix", "best_of"})
+
+
+def unrecognized_argument(body: Any, chat: bool) -> str | None:
+    """The first top-level field of the raw JSON body that the endpoint does not know, else None."""
+    if not isinstance(body, dict):
+        return None
+    known = CHAT_PARAMETERS if chat else COMPLETION_PARAMETERS
+    return next((name for name in body if name not in known), None)
 
 
 def _set(value: Any) -> bool:
@@ -40,6 +67,8 @@ def unsupported_parameter(body: Any, chat: bool) -> tuple[str, str] | None:
         return "modalities", "modalities other than [\"text\"] are not supported"
     if _set(body.get("audio")):
         return "audio", "audio output is not supported"
+    if _set(body.get("web_search_options")):
+        return "web_search_options", "web_search_options (web search) is not supported"
     if not chat:
         if _set(body.get("echo")):
             return "echo", "echo is not supported"

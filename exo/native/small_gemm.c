@@ -195,10 +195,22 @@ static void gemm_bn(int m, int n, int k, float alpha, const float *a, int lda, c
   }
 }
 
+/* alpha == 0: C = beta C, and A and B are not read (BLAS semantics: 0 * NaN must not reach C);
+ * beta == 0 sets C to zero whatever it held. */
+static void scale(int m, int n, float beta, float *c, int ldc) {
+  if (beta == 1.f) return;
+  for (int i = 0; i < m; i++)
+    for (int j = 0; j < n; j++) c[(size_t)i * ldc + j] = beta == 0.f ? 0.f : beta * c[(size_t)i * ldc + j];
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
   if (order != ROW_MAJOR || m > small_rows || m < 1 || n < 1 || k < 1) {
     large_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (alpha == 0.f) {
+    scale(m, n, beta, c, ldc);
     return;
   }
   float *packed = NULL;

@@ -35,6 +35,13 @@ class NodeCounters:
     def finish(self, status: str) -> None:
         self.requests[status] += 1
 
+    def unsent(self, tokens: int) -> None:
+        """Tokens of a verified block its consumer did not take: cut by a stop string.
+
+        The node counts a block's tokens as generated when it relays the block; those after
+        the stop were never produced for anyone, so they come off again."""
+        self.generated_tokens -= tokens
+
     def speculation(self, drafter: str, drafted: int, accepted: int) -> None:
         self.drafted[drafter] += drafted
         self.accepted[drafter] += accepted
