@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test setup clean
+.PHONY: run test setup soak clean
 
 run: $(STAMP)
 	$(VENV)/bin/exo run --enable-speculative $(ARGS)
@@ -15,6 +15,9 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 setup: $(STAMP)
+
+soak: $(STAMP)
+	$(VENV)/bin/python bench/soak.py $(ARGS)
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh

@@ -161,6 +161,24 @@ async def test_a_follower_cancelled_inside_its_pass_gets_the_cancellation_and_no
     assert not batcher._waiting and not batcher._busy
 
 
+async def test_a_leader_cancelled_while_it_gathers_hands_the_engine_on():
+    """The caller that found the engine idle and is cancelled while it waits for partners
+    leaves the engine to the next call (once the engine stayed busy with nobody leading, and
+    every later call waited forever)."""
+    batcher, passes = recording_batcher(active=lambda: 4, pass_s=0.2)
+    await batcher.submit(9)  # a pass on record: the next leader gathers for 0.03 s
+    results = {}
+
+    async def call(i):
+        results[i] = (await batcher.submit(i))[0]
+
+    with anyio.fail_after(5):
+        with anyio.move_on_after(0.01):
+            await batcher.submit(1)  # leads, gathers, is cancelled before its pass
+        await call(2)
+    assert results == {2: 20} and passes == [[9], [2]] and not batcher._busy
+
+
 async def test_a_cancel_fuzz_gives_every_call_its_own_result_or_a_cancellation():
     """40 clients submit calls in a loop and are cancelled at random moments (waiting, leading,
     or riding in a pass): every call ends with its own result or a cancellation, no call runs

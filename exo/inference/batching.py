@@ -110,8 +110,9 @@ class StepBatcher(Generic[I, R]):
         """Run one pass holding `call` (the oldest waiting), then hand the engine on."""
         try:
             await self._gather()
-        except BaseException:
-            self._leave(call)
+        except BaseException:  # the leader leaves before its pass: the engine goes to the next in line
+            self._waiting.remove(call)
+            self._hand_over()
             raise
         batch = self._take()
         started = time.perf_counter()
