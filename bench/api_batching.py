@@ -24,14 +24,11 @@ bench/results/api_batching.json and .png.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 
-from common import machine, median, pyplot, save, save_figure
+from common import NodeProcess, machine, median, pyplot, save, save_figure
 from drafter_prompts import CODE_TASKS, MATH_PROBLEMS, WRITING_BRIEFS
 
 MODES = ("plain", "speculative")
@@ -59,32 +56,8 @@ class Server:
                    "--draft-model", args.draft, "--max-batch-size", str(batch), "--discovery-module", "none",
                    "--chatgpt-api-port", str(args.port), "--host", "127.0.0.1",
                    "--max-concurrent-requests", str(max(args.clients))]
-        self.log = open(f"/tmp/api_batching_server_{batch}.log", "w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url.removesuffix("/v1") + "/healthcheck", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("server did not come up")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+        self.node = NodeProcess(command, f"/tmp/api_batching_server_{batch}.log", self.url.removesuffix("/v1"))
+        self.wait_ready, self.stop = self.node.wait_ready, self.node.stop
 
 
 def one_request(client, model: str, prompt: str, mode: str, max_tokens: int, out: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -13,6 +14,41 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class NodeProcess:
+    """An `exo` node in its own process (`command`), its output in `log_path`, stopped with
+    SIGINT (its own clean shutdown); `base_url` is where it answers /healthcheck."""
+
+    def __init__(self, command: list[str], log_path: Path | str, base_url: str, cwd: Path | None = None):
+        self.base_url, self.log_path = base_url, Path(log_path)
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
+                                        env=os.environ.copy())
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the node exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/healthcheck", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the node did not come up; see {self.log_path}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def exo_run_json(model: str, prompt: str, *, env: dict[str, str] | None = None, extra: list[str] = (),

@@ -31,8 +31,6 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +42,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import machine, median, save  # noqa: E402
+from common import NodeProcess, machine, median, save  # noqa: E402
 
 GREEDY_PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 WORDS = "alpha beta gamma delta river stone cloud paper light window garden number".split()
@@ -59,47 +57,23 @@ def build_models(workdir: Path) -> dict[str, Path]:
             "far": make_tiny_model(workdir / "far", "llama", layers=2, seed=7, context=4096)}
 
 
-class Node:
-    """The `exo` node under test, its log in a file, stopped with SIGINT."""
+class Node(NodeProcess):
+    """The `exo` node under test; `sample()` reads its memory and descriptors from /proc."""
 
     def __init__(self, models: dict[str, Path], port: int, log_path: Path):
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
         command = [sys.executable, "-m", "exo.main", "--enable-speculative", "--default-model", str(models["target"]),
                    "--draft-model", str(models["near"]), "--model-dir", f"near={models['near']}",
                    "--model-dir", f"far={models['far']}", "--max-batch-size", "8", "--discovery-module", "none",
                    "--host", "127.0.0.1", "--chatgpt-api-port", str(port), "--max-generate-tokens", "64",
                    "--max-concurrent-requests", "16"]
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the node exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the node did not come up; see {self.log_path}")
+        super().__init__(command, log_path, self.url, cwd=ROOT)
 
     def sample(self) -> dict:
         """Resident memory (bytes) and open file descriptors of the node's process."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
         return {"t": time.monotonic(), "rss": rss, "fds": len(os.listdir(f"/proc/{self.process.pid}/fd"))}
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 SPECULATIVE = [
@@ -172,6 +146,15 @@ def text_of(choice: dict) -> str:
         "content") or ""
 
 
+def refused(response: httpx.Response, how: str, tally: Tally) -> bool:
+    """Whether the request ended here: a 429 (counted apart) or any other non-200 (a failure)."""
+    if response.status_code == 429:
+        tally.add("rejected_429")
+    elif response.status_code != 200:
+        tally.fail(f"{how}: {response.status_code} {response.read()[:200]!r}")
+    return response.status_code != 200
+
+
 def one(client: httpx.Client, url: str, rng: random.Random, tally: Tally) -> None:
     endpoint, body, kind = request_body(rng)
     check = body.pop("prompt_for_check", None)
@@ -181,11 +164,7 @@ def one(client: httpx.Client, url: str, rng: random.Random, tally: Tally) -> Non
         if body["stream"]:
             pieces, chunks = [], 0
             with client.stream("POST", url + endpoint, json=body, timeout=600) as response:
-                if response.status_code == 429:
-                    tally.add("rejected_429")
-                    return
-                if response.status_code != 200:
-                    tally.fail(f"{how}: {response.status_code} {response.read()[:200]!r}")
+                if refused(response, how, tally):
                     return
                 for line in response.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -209,11 +188,7 @@ def one(client: httpx.Client, url: str, rng: random.Random, tally: Tally) -> Non
                     tally.add("hung_up")
                     return
                 raise
-            if response.status_code == 429:
-                tally.add("rejected_429")
-                return
-            if response.status_code != 200:
-                tally.fail(f"{how}: {response.status_code} {response.text[:200]}")
+            if refused(response, how, tally):
                 return
             text = text_of(response.json()["choices"][0])
     except httpx.HTTPError as exc:

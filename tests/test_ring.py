@@ -19,8 +19,10 @@ MODES = {
     "plain": None,
     "sequential": {"enabled": True, "draft_tokens": 4, "adaptive_speculation": False},
     "pipelined": {"enabled": True, "pipelined": True, "draft_tokens": 3, "adaptive_speculation": False},
-    # Copies from the request's own text (deterministic drafts: the ring sends no draft rows).
-    "suffix": {"enabled": True, "drafter": "suffix", "pipelined": True},
+    # Copies from the request's own text (deterministic drafts: the ring sends no draft rows). A fixed
+    # K: adaptive K follows timings, and the pipelined scheduler's on 2 busy cores may pick K = 0.
+    "suffix": {"enabled": True, "drafter": "suffix", "pipelined": True, "draft_tokens": 4,
+               "adaptive_speculation": False},
 }
 PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 
