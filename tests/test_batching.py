@@ -16,6 +16,7 @@ from exo.inference.engine import PASS, last_only
 from exo.inference.generate import GenerationParams
 from exo.speculative.adaptive import AdaptiveK, WindowedMedian
 from exo.speculative.config import SpeculativeConfig
+from exo.speculative.events import SpeculationFallback
 from exo.speculative.kv import rollback_to
 from tests.helpers.api_server import running_api
 from tests.helpers.decoding import collect
@@ -469,6 +470,58 @@ def test_a_client_leaving_mid_batch_frees_only_its_row(batched_api):
     while (node._active or node.engine.target._caches) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node._active == 0 and not node.engine.target._caches and not node.engine.draft._caches
+
+
+def test_clients_hanging_up_during_batched_passes_are_cancelled_not_failed(batched_api):
+    """Twelve clients leave mid-generation, streaming and not, pipelined and not, while their rows
+    share passes: each is counted cancelled or stopped, never failed, no draft failure or
+    fallback is reported for them (a cancelled follower once raised a ValueError from the
+    batcher), and the node then serves a normal request as before."""
+    url, node = batched_api
+    before_failed = node.counters.requests["failed"]
+    before = node.engine.get_metrics()
+    expected = chat(url, "after")
+    fallbacks = []
+
+    def record_fallbacks(event) -> bool:  # a listener that keeps only what it needs, buffering nothing
+        if isinstance(event, SpeculationFallback):
+            fallbacks.append(event)
+        return False
+
+    def stream_and_leave(i):
+        body = {"messages": [{"role": "user", "content": f"leaving {i}"}], "max_tokens": 300, "temperature": 0,
+                "stream": True, "speculative": {"pipelined": i % 2 == 0}}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            for n, _ in enumerate(response.iter_lines()):
+                if n >= 2 + i % 3:
+                    break
+
+    left = []
+
+    def post_and_leave(i):
+        body = {"messages": [{"role": "user", "content": f"gone {i}"}], "max_tokens": 300, "temperature": 0,
+                "speculative": {"pipelined": i % 2 == 1}}
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.15 + 0.05 * i)
+        except httpx.TimeoutException:
+            left.append(i)
+
+    threads = [threading.Thread(target=stream_and_leave, args=(i,)) for i in range(6)]
+    threads += [threading.Thread(target=post_and_leave, args=(i,)) for i in range(6)]
+    with node.events.subscribe(record_fallbacks):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        deadline = time.monotonic() + 10
+        while node._active and time.monotonic() < deadline:
+            time.sleep(0.05)
+    after = node.engine.get_metrics()
+    assert len(left) >= 3  # most non-streaming clients left before their answer
+    assert node.counters.requests["failed"] == before_failed
+    assert after["draft_failures"] == before["draft_failures"] and not fallbacks
+    assert node._active == 0 and not node.engine.target._caches and not node.engine.draft._caches
+    assert chat(url, "after") == expected
 
 
 async def test_a_pass_holds_at_most_its_budget_of_positions_and_the_oldest_call_always():
