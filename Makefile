@@ -19,12 +19,12 @@ setup: $(STAMP)
 soak: $(STAMP)
 	$(VENV)/bin/python bench/soak.py $(ARGS)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh
+$(STAMP): pyproject.toml scripts/install-system-deps.sh exo/native/small_gemm.c
 	./scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
-	$(VENV)/bin/python -c 'import exo.blas; exo.blas.main()'
+	$(VENV)/bin/python -c 'import exo.blas; exo.blas.main()'  # builds exo's few-row kernel (import never does)
 	touch $(STAMP)
 
 clean:

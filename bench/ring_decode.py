@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -83,7 +84,8 @@ def last_request(url: str) -> dict:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     import exo  # noqa: F401  (model cards, BLAS)
-    from exo.devtools.local_ring import RingCluster
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tools/ is not installed
+    from tools.local_ring import RingCluster
     from exo.inference.sources import model_dir_for
 
     target, draft = str(model_dir_for(args.target)), str(model_dir_for(args.draft))

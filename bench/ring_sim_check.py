@@ -30,12 +30,14 @@ import itertools
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from common import RESULTS, grouped_bars, machine, pyplot, save, save_figure
-from exo.devtools.ring_sim import Policy, RingSpec, StageCost, plain_ring, simulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tools/ is not installed
+from tools.ring_sim import Policy, RingSpec, StageCost, plain_ring, simulate  # noqa: E402
 from exo.speculative.pipeline.window import MIN_SURVIVAL
 
 SEEDS = range(3)

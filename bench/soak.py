@@ -49,7 +49,7 @@ WORDS = "alpha beta gamma delta river stone cloud paper light window garden numb
 
 
 def build_models(workdir: Path) -> dict[str, Path]:
-    from exo.devtools.early_exit import make_early_exit
+    from tools.early_exit import make_early_exit
     from tests.helpers.tiny_models import make_tiny_model
 
     target = make_tiny_model(workdir / "target", "llama", layers=4, seed=1, context=4096)

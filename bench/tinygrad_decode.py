@@ -39,7 +39,8 @@ def side(args: argparse.Namespace) -> list[dict]:
     import anyio
 
     import exo  # noqa: F401  (BLAS before mlx.core)
-    from exo.devtools.early_exit import make_early_exit
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tools/ is not installed
+    from tools.early_exit import make_early_exit
     from exo.inference.backends import make_engine
     from exo.inference.generate import GenerationParams
     from exo.inference.sources import model_dir_for

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.devtools.early_exit import make_early_exit
+from tools.early_exit import make_early_exit
 from tests.helpers.tiny_models import make_tiny_model
 
 

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from exo.devtools.local_ring import free_port
+from tools.local_ring import free_port
 from exo.inference.cache_table import CacheTable, CacheTableFull
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
@@ -409,7 +409,7 @@ def test_client_leaving_the_queue_frees_its_place(busy_api):
 @pytest.mark.integration
 def test_a_draft_node_refusal_reaches_the_client_of_another_node_as_429(tmp_path, tiny_llama, tiny_llama_other):
     """Node 1's API forwards to node 0 (the draft node), whose one slot is taken: 429 + Retry-After."""
-    from exo.devtools.local_ring import RingCluster
+    from tools.local_ring import RingCluster
 
     flags = ("--max-concurrent-requests", "1", "--max-queued-requests", "0", "--link-delay-ms", "20")
     with RingCluster(tmp_path, 2, str(tiny_llama), str(tiny_llama_other), extra=flags) as cluster:

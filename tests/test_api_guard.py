@@ -583,7 +583,7 @@ def test_exo_node_process_with_api_key_and_model_dir(tiny_llama, tiny_llama_othe
     import subprocess
     import time
 
-    from exo.devtools.local_ring import free_port
+    from tools.local_ring import free_port
 
     port, rpc = free_port(), free_port()
     log = open(tmp_path / "node.log", "w")

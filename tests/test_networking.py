@@ -21,7 +21,7 @@ from exo.orchestration.cluster import Cluster
 from exo.orchestration.ring_stage import MAX_EARLY_ROLLBACKS, RingError, RingTimeouts, StageState
 from exo.topology.partitioning import Stage
 from exo.speculative.events import EventBus, EventCodec, KVRollback
-from exo.devtools.local_ring import free_port
+from tools.local_ring import free_port
 
 
 def test_probability_rows_go_sparse_only_when_it_is_smaller():

@@ -16,7 +16,7 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 
 from exo.api.logprobs import TokenText
-from exo.devtools.local_ring import RingCluster
+from tools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
 from tests.helpers.api_server import running_api
 

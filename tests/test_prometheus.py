@@ -165,7 +165,7 @@ def test_rejections_are_counted_by_reason(api):
 @pytest.mark.integration
 def test_a_ring_reports_stage_compute_times_and_both_apis_count(tmp_path, tiny_llama, tiny_llama_other):
     """Two real node processes: node 0 drafts and schedules; node 1's API forwards to it."""
-    from exo.devtools.local_ring import RingCluster
+    from tools.local_ring import RingCluster
 
     with RingCluster(tmp_path, 2, str(tiny_llama), str(tiny_llama_other),
                      extra=("--max-concurrent-requests", "4")) as cluster:

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from exo.devtools.local_ring import RingCluster
+from tools.local_ring import RingCluster
 from exo.speculative.config import SpeculativeConfig
 from tests.helpers.api_server import running_api
 from tests.helpers.tiny_models import make_slow_twin

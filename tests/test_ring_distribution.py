@@ -25,7 +25,7 @@ import anyio
 import numpy as np
 import pytest
 
-from exo.devtools.local_ring import RingCluster
+from tools.local_ring import RingCluster
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.inference.sampling import judge_rng, warp

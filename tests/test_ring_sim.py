@@ -2,7 +2,7 @@
 
 import pytest
 
-from exo.devtools.ring_sim import Policy, RingSpec, StageCost, plain_ring, simulate
+from tools.ring_sim import Policy, RingSpec, StageCost, plain_ring, simulate
 
 STAGES = [StageCost(0.10, 0.01), StageCost(0.12, 0.01), StageCost(0.08, 0.02)]
 HOP = 0.005

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from exo.devtools.local_ring import RingCluster
+from tools.local_ring import RingCluster
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.orchestration import protocol

@@ -10,7 +10,7 @@ from typing import Iterator
 import uvicorn
 
 from exo.api.chatgpt_api import ChatGPTAPI
-from exo.devtools.local_ring import free_port
+from tools.local_ring import free_port
 from exo.inference.mlx.engine import MLXInferenceEngine
 from exo.orchestration.node import Node
 from exo.speculative.config import SpeculativeConfig
