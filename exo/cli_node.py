@@ -13,7 +13,7 @@ import uvicorn
 
 from exo.api.access import parse_allowed_hosts, warn_if_exposed
 from exo.api.chatgpt_api import ChatGPTAPI
-from exo.cli_run import engine_pair, speculative_config
+from exo.cli_run import engine_pair, max_batch_size, speculative_config
 from exo.inference.sources import ModelSourceError
 from exo.inference.sources.local import check_model_dir
 from exo.models import ModelRegistry
@@ -76,8 +76,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         models = registered_models(args.model_dir)
         if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
             raise ValueError("--max-concurrent-requests must be at least 1")
-        if args.max_batch_size < 1:
-            raise ValueError("--max-batch-size must be at least 1")
+        batch = max_batch_size(args)
         if args.max_queued_requests < 0 or args.queue_timeout <= 0:
             raise ValueError("--max-queued-requests must be at least 0 and --queue-timeout positive")
     except (ConfigError, ValueError) as exc:
@@ -91,7 +90,7 @@ async def serve_command(args: argparse.Namespace) -> int:
                 max_generate_tokens=args.max_generate_tokens, default_temperature=args.default_temp,
                 cluster=cluster, pass_timeout_s=args.ring_timeout, draft_node=args.draft_node, models=models,
                 max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
-                queue_timeout_s=args.queue_timeout, max_batch_size=args.max_batch_size,
+                queue_timeout_s=args.queue_timeout, max_batch_size=batch,
                 allow_model_downloads=downloads_allowed(args))
     try:
         async with anyio.create_task_group() as group:

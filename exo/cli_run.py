@@ -16,7 +16,8 @@ from exo.inference.placement import PLACEMENTS, make_engine_pair
 from exo.inference.sources import ModelSourceError
 from exo.inference.text_stream import TextStream
 from exo.models import UnknownModelError
-from exo.speculative.config import DRAFTERS, ConfigError, SpeculativeConfig
+from exo.inference.batching import DEFAULT_MAX_BATCH
+from exo.speculative.config import DRAFTERS, FLAGS, ConfigError, SpeculativeConfig
 from exo.speculative.engine import SpeculativeInferenceEngine
 
 
@@ -43,49 +44,50 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `SpeculativeConfig` field (names and help from `config.FLAGS`), each
+    storing the field's own value under the field's name, plus where the engines run."""
     defaults = SpeculativeConfig()
     group = parser.add_argument_group("speculative decoding")
-    group.add_argument("--enable-speculative", action="store_true", help="draft tokens (see --drafter) and verify them exactly")
-    group.add_argument("--drafter", choices=DRAFTERS, default=defaults.drafter,
-                       help="what proposes tokens: model (a small draft model), suffix (repeats of the prompt "
-                            "and output, no model), hybrid (the better of the two per block), auto (default: "
-                            "hybrid when a draft model is available, else suffix)")
-    group.add_argument("--suffix-max-depth", type=int, default=defaults.suffix_max_depth,
-                       help=f"longest block the suffix drafter copies (default {defaults.suffix_max_depth})")
-    group.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab,
-                       help="score only this many of the draft model's most frequent tokens (the lowest "
-                            f"BPE ids, plus special tokens); 0 = all (default {defaults.draft_vocab}). "
-                            "Cheaper draft steps; never changes the output")
-    group.add_argument("--draft-model", default=defaults.draft_model,
-                       help="draft model id, directory or .gguf (default: auto, from the draft-pair table)")
-    group.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens,
-                       help=f"draft block size K, the start value when adaptive (default {defaults.draft_tokens})")
-    group.add_argument("--speculative-threshold", type=float, default=defaults.acceptance_threshold,
-                       help="stop drafting a block when the draft's top probability falls below this "
-                            f"(default {defaults.acceptance_threshold}; never changes the output)")
-    group.add_argument("--max-speculation-depth", type=int, default=defaults.max_speculation_depth,
-                       help=f"largest K adaptive speculation may choose (default {defaults.max_speculation_depth})")
-    group.add_argument("--fixed-k", action="store_true",
-                       help="disable adaptive K: draft exactly --draft-tokens every block (the confidence "
-                            "threshold is off; only the last block is shorter, capped at the tokens left)")
-    group.add_argument("--pipelined", action="store_true",
-                       help="draft block n+1 while block n is verified (overlaps with --placement processes)")
-    group.add_argument("--ring-window", type=int, default=defaults.ring_window, metavar="W",
-                       help="with --pipelined on a ring: blocks in flight at once, each betting that the "
-                            "ones before it are accepted entirely; 0 = auto (default: up to one per stage, "
-                            "fewer while whole blocks are seldom accepted), 1 = one block at a time")
+    for name, flag in FLAGS.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            group.add_argument(flag.name, dest=name, default=default, help=flag.help,
+                               action="store_false" if flag.inverted else "store_true")
+        else:
+            group.add_argument(flag.name, dest=name, default=default, type=type(default), help=flag.help,
+                               metavar=flag.metavar or flag.name[2:].upper().replace("-", "_"),
+                               choices=DRAFTERS if name == "drafter" else None)
+    add_node_engine_arguments(parser)
+
+
+def add_node_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """What both commands share about how the engines run (see `engine_settings`)."""
+    group = parser.add_argument_group("engines")
     group.add_argument("--placement", choices=PLACEMENTS, default="threads",
                        help="threads: both models in this process (default); processes: target and draft in "
                             "separate processes pinned to separate CPUs")
+    group.add_argument("--max-batch-size", type=int, default=None,
+                       help="requests whose steps share one forward pass per engine (continuous batching; "
+                            f"1 turns it off; default {DEFAULT_MAX_BATCH} with --placement threads; engines in "
+                            "their own processes run one request's pass at a time, so there only 1 is allowed)")
 
 
 def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
-    return SpeculativeConfig(
-        enabled=args.enable_speculative, draft_tokens=args.draft_tokens, draft_model=args.draft_model,
-        acceptance_threshold=args.speculative_threshold, max_speculation_depth=args.max_speculation_depth,
-        adaptive_speculation=not args.fixed_k, pipelined=args.pipelined, drafter=args.drafter,
-        suffix_max_depth=args.suffix_max_depth, draft_vocab=args.draft_vocab, ring_window=args.ring_window,
-    )
+    """The config the flags describe (ConfigError, a ValueError, when they break its checks)."""
+    return SpeculativeConfig(**{name: getattr(args, name) for name in SpeculativeConfig.__struct_fields__})
+
+
+def max_batch_size(args: argparse.Namespace) -> int:
+    """The batch bound the flags ask for, refused (ValueError) where it cannot act."""
+    if args.max_batch_size is None:
+        return DEFAULT_MAX_BATCH if args.placement == "threads" else 1
+    if args.max_batch_size < 1:
+        raise ValueError("--max-batch-size must be at least 1")
+    if args.max_batch_size > 1 and args.placement != "threads":
+        raise ValueError(f"--max-batch-size {args.max_batch_size} cannot act with --placement {args.placement}: "
+                         "engines in their own processes run one pass per request; use --placement threads "
+                         "to batch, or --max-batch-size 1")
+    return args.max_batch_size
 
 
 def engine_pair(args: argparse.Namespace):
@@ -113,9 +115,11 @@ async def run_command(args: argparse.Namespace) -> int:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
         config = speculative_config(args)
+        batch = max_batch_size(args)
         # Separate processes compute on separate CPUs: there the two prompt passes overlap.
         engine = SpeculativeInferenceEngine(*engine_pair(args), config,
                                             overlap_prefill=args.placement == "processes")
+        engine.set_max_batch(batch)
     except ValueError as exc:  # ConfigError is a ValueError
         print(f"exo run: {exc}", file=sys.stderr)
         return 2

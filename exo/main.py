@@ -16,7 +16,6 @@ import anyio
 
 from exo import blas
 from exo.cli_run import add_engine_arguments, add_run_arguments, add_speculative_arguments
-from exo.inference.batching import DEFAULT_MAX_BATCH
 from exo.models import CARDS, DEFAULT_MODEL
 
 
@@ -51,9 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent-requests", type=int, default=None,
                         help="requests generating at once; more wait in a first-come queue (default: as many "
                              "as fit 4096-token KV caches in half the free memory, 1 to 64)")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
-                        help="requests whose steps share one forward pass per engine (continuous batching; "
-                             f"1 turns it off; default {DEFAULT_MAX_BATCH})")
     parser.add_argument("--max-queued-requests", type=int, default=64,
                         help="requests that may wait for a slot; more get 429 with Retry-After (default 64)")
     parser.add_argument("--queue-timeout", type=float, default=60.0,
@@ -102,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if blas.build_missing_kernel() and argv is None:
+        # `import exo` chose MLX's BLAS before the few-row kernel existed, and a process cannot
+        # change it: run this same command line again, which finds the kernel at import.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     blas.report_blas()
     if args.command == "run":
         from exo.cli_run import run_command

@@ -214,7 +214,14 @@ def test_event_stream_delivers_metrics_updates(api):
     assert metrics["engines"] == {"target": "mlx", "draft": "mlx"}
 
 
-def test_every_speculative_setting_can_be_overridden_per_request():
-    from exo.api.schemas import SpeculativeOverrides
-
-    assert set(SpeculativeOverrides.__struct_fields__) == set(SpeculativeConfig.__struct_fields__)
+def test_every_speculative_setting_can_be_overridden_per_request(api):
+    """The API's `speculative` object is the config itself: each field, under its own name,
+    is taken (and checked by the config: a wrong type names the field)."""
+    url, _ = api
+    defaults = SpeculativeConfig()
+    for name in SpeculativeConfig.__struct_fields__:
+        value = getattr(defaults, name)
+        response = chat(url, max_tokens=2, speculative={name: value})
+        assert response.status_code == 200, (name, response.text)
+    error = chat(url, speculative={"draft_tokens": "four"}).json()["error"]
+    assert error["param"] == "speculative" and "speculative.draft_tokens" in error["message"]

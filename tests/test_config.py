@@ -57,3 +57,39 @@ def test_deepseek_distill_pair_is_refused_with_the_reason():
         choose_draft("deepseek-v3", "deepseek-r1-distill-qwen-7b")
     with pytest.raises(ConfigError, match="129k"):
         choose_draft("deepseek-v3")
+
+
+def test_every_field_has_one_flag_on_both_commands_and_the_flags_make_the_config():
+    """A new knob is one field plus its entry in FLAGS: this fails for a field without a flag,
+    and checks that `exo` and `exo run` both take it and hand it to the config unchanged."""
+    from exo.main import build_parser
+    from exo.speculative.config import FLAGS
+
+    assert list(FLAGS) and set(FLAGS) == set(SpeculativeConfig.__struct_fields__)
+    parser = build_parser()
+    for argv in ([], ["run"]):
+        args = parser.parse_args([*argv])
+        from exo.cli_run import speculative_config
+
+        assert speculative_config(args) == SpeculativeConfig()
+        changed = parser.parse_args([*argv, "--enable-speculative", "--fixed-k", "--suffix-min-match", "3",
+                                     "--speculative-threshold", "0.5", "--drafter", "suffix", "--ring-window", "2"])
+        assert speculative_config(changed) == SpeculativeConfig(enabled=True, adaptive_speculation=False,
+                                                                suffix_min_match=3, acceptance_threshold=0.5,
+                                                                drafter="suffix", ring_window=2)
+    for command in (parser, parser._subparsers._group_actions[0].choices["run"]):
+        text = command.format_help()
+        assert all(flag.name in text for flag in FLAGS.values()) and "--max-batch-size" in text
+
+
+def test_batching_that_cannot_act_is_refused_at_start_up():
+    from exo.cli_run import max_batch_size
+    from exo.main import build_parser
+
+    parse = build_parser().parse_args
+    assert max_batch_size(parse([])) == 8 and max_batch_size(parse(["--placement", "processes"])) == 1
+    assert max_batch_size(parse(["run", "--max-batch-size", "4"])) == 4
+    with pytest.raises(ValueError, match="cannot act with --placement processes"):
+        max_batch_size(parse(["--placement", "processes", "--max-batch-size", "4"]))
+    with pytest.raises(ValueError, match="at least 1"):
+        max_batch_size(parse(["--max-batch-size", "0"]))

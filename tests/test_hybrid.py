@@ -274,3 +274,24 @@ async def test_a_resumed_copy_is_scored_under_its_own_estimate():
     hybrid.accept("r", len(committed))
     await hybrid.propose("r", committed, 32, params, 0.0, draws)
     assert hybrid._rate(RESUMED).observed and hybrid._rate(RESUMED).value > 0.5  # all 11 kept
+
+
+
+async def test_a_hybrid_serves_one_request():
+    """Its copy estimates and pending candidates are one request's: a second id is refused
+    before anything of the first is touched, and releasing it frees nothing of the first."""
+    from exo.speculative.adaptive import AdaptiveK
+    from exo.speculative.drafters.suffix import SuffixDrafter
+
+    hybrid = HybridDrafter(None, SuffixDrafter(), AdaptiveK(8, 4))
+    prompt = [5, 9, 13, 5, 9]
+    await hybrid.prefill("r", prompt)
+    params, draws = GenerationParams(max_tokens=8), np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        await hybrid.propose("s", prompt, 4, params, 0.0, draws)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        hybrid.accept("s", len(prompt))
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        hybrid.release("s")
+    assert (await hybrid.propose("r", prompt, 4, params, 0.0, draws)).tokens == [13, 5]
+    hybrid.release("r")

@@ -1,10 +1,13 @@
 """Speculative decoding through real engines: exact greedy output, acceptance, fallback."""
 
+import numpy as np
 import pytest
 
 from exo.inference.generate import GenerationParams
 from exo.inference.mlx.engine import MLXInferenceEngine
+from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.config import ConfigError
+from exo.speculative.drafters import make_proposer
 from tests.helpers.decoding import collect, plain_tokens
 from tests.helpers.laws import joint_law, sampled_tv
 
@@ -206,3 +209,20 @@ async def test_fixed_k_drafts_k_every_block_whatever_the_threshold(tiny_llama, t
     assert histogram.get(3, 0) >= 5, histogram
     # Shorter only where the budget caps a block: each of the last few sizes at most once.
     assert set(short) <= ({1, 2} if pipelined else {0, 1, 2}) and set(short.values()) <= {1}, histogram
+
+
+async def test_a_model_drafter_serves_one_request(tiny_llama, speculative):
+    """The draft cache is the engine's, keyed by request id: a model drafter bound to one
+    request refuses another id instead of drafting from (or rolling back) the wrong cache."""
+    engine, _ = await speculative(tiny_llama, tiny_llama)
+    proposer = make_proposer(engine.config, engine.draft, engine.draft.shard, AdaptiveK(8, 4))
+    params, rng = GenerationParams(temperature=0.0), np.random.default_rng(0)
+    await proposer.prefill("a", [10, 20, 30])
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        await proposer.propose("b", [10, 20, 30, 40], 2, params, 0.0, rng)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        proposer.accept("b", 3)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        proposer.release("b")
+    assert (await proposer.propose("a", [10, 20, 30, 40], 2, params, 0.0, rng)).k == 2
+    proposer.release("a")

@@ -411,6 +411,24 @@ async def test_release_is_idempotent_and_forgets_the_request():
     assert drafter.last_match("r") == 2
 
 
+async def test_a_drafter_serves_one_request():
+    """Bound by its first prefill: another id is refused, also after a release (only the same
+    id may start over)."""
+    drafter = SuffixDrafter()
+    await drafter.prefill("r", [1, 2, 3, 1, 2])
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        await propose(drafter, "s", [1, 2, 3, 1, 2], 4)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        drafter.accept("s", 5)
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        drafter.release("s")
+    assert (await propose(drafter, "r", [1, 2, 3, 1, 2], 4)).tokens == [3, 1]  # "r" is untouched
+    drafter.release("r")
+    with pytest.raises(RuntimeError, match="bound to one request"):
+        await drafter.prefill("s", [1, 2, 3])
+    await drafter.prefill("r", [1, 2, 3])
+
+
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError):
         SuffixDrafter(min_match=0)

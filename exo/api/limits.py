@@ -163,3 +163,10 @@ def fit_context(prompt_tokens: int, max_tokens: int, explicit: bool, context: in
                       "completion). Please reduce the length of the messages or completion.",
                       param, "context_length_exceeded")
     return min(max_tokens, room)
+
+
+def check_vocabulary(prompts: list[list[int]], vocabulary: int) -> None:
+    """Refuse token ids the model has no embedding for (a client's list of ids)."""
+    for prompt in prompts:
+        if prompt and (min(prompt) < 0 or max(prompt) >= vocabulary):
+            raise Refused(400, f"prompt holds token ids outside the vocabulary (0..{vocabulary - 1})", "prompt")

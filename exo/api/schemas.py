@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
@@ -24,26 +24,6 @@ class Message(msgspec.Struct, forbid_unknown_fields=False):
         return "".join(part.text for part in self.content if part.type == "text")
 
 
-class SpeculativeOverrides(msgspec.Struct, forbid_unknown_fields=True):
-    """The per-request `speculative` object: any subset of SpeculativeConfig's fields."""
-
-    enabled: bool | None = None
-    draft_tokens: int | None = None
-    draft_model: str | None = None
-    acceptance_threshold: float | None = None
-    max_speculation_depth: int | None = None
-    adaptive_speculation: bool | None = None
-    pipelined: bool | None = None
-    drafter: str | None = None  # auto | model | suffix | hybrid
-    suffix_min_match: int | None = None
-    suffix_max_depth: int | None = None
-    draft_vocab: int | None = None
-    ring_window: int | None = None  # 0 = auto
-
-    def fields(self) -> dict:
-        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
-
-
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     """OpenAI's `stream_options` (only with `stream: true`)."""
 
@@ -62,7 +42,9 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=False):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    speculative: SpeculativeOverrides | None = None
+    # Any subset of SpeculativeConfig's fields, under their own names: merged into the node's
+    # config and checked by it (SpeculativeConfig.merged), so the API restates none of them.
+    speculative: dict[str, Any] | None = None
     n: int | None = None  # choices, each its own generation
 
     def stops(self) -> list[str]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 
+from exo.speculative.drafters.registry import drafter_names
+
 AUTO = "auto"
-# What may propose tokens (see exo.speculative.drafters): a small model, repeats of the
-# request's own text (a suffix automaton), the better of the two per block, or "auto":
-# hybrid when a draft model is available, else the suffix drafter alone.
-DRAFTERS = (AUTO, "model", "suffix", "hybrid")
-MODEL_DRAFTERS = ("model", "hybrid")  # those that need a draft model
+# What may propose tokens, as registered in exo/speculative/drafters/registry.py: a small
+# model, repeats of the request's own text (a suffix automaton), the better of the two per
+# block, or "auto": hybrid when a draft model is available, else the suffix drafter alone.
+# The registry at import (the built-ins, e.g. for --drafter's choices); the `drafter` check
+# reads the registry itself, so a drafter registered later is accepted.
+DRAFTERS = drafter_names()
 MAX_RING_WINDOW = 16
 
 # Target -> draft. Every pair shares one tokenizer (same ids; small Qwen models pad the
@@ -73,8 +78,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"acceptance_threshold must be in [0, 1), got {self.acceptance_threshold}")
         if not self.draft_model:
             raise ConfigError("draft_model must be a model id or 'auto'")
-        if self.drafter not in DRAFTERS:
-            raise ConfigError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if self.drafter not in drafter_names():
+            raise ConfigError(f"drafter must be one of {', '.join(drafter_names())}, got {self.drafter!r}")
         if not 1 <= self.suffix_min_match <= 64:
             raise ConfigError(f"suffix_min_match must be in 1..64, got {self.suffix_min_match}")
         if not 1 <= self.suffix_max_depth <= 256:
@@ -85,11 +90,61 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"draft_vocab must be 0 (whole vocabulary) or a number of rows, got {self.draft_vocab}")
 
     def merged(self, overrides: dict) -> "SpeculativeConfig":
-        """This config with the fields in `overrides` replaced (validated, unknown fields refused)."""
-        unknown = set(overrides) - set(self.__struct_fields__)
-        if unknown:
-            raise ConfigError(f"unknown speculative field(s): {', '.join(sorted(unknown))}")
-        return msgspec.structs.replace(self, **overrides)
+        """This config with the fields in `overrides` (a request's `speculative` object, as
+        decoded JSON) replaced, in one conversion: unknown fields, types and the checks above
+        are the config's own, and every error is a ConfigError naming the field."""
+        try:
+            return msgspec.convert({**msgspec.structs.asdict(self), **overrides}, SpeculativeConfig)
+        except msgspec.ValidationError as exc:
+            message = str(exc).replace("$.", "speculative.")
+            if message.startswith("Object contains unknown field"):
+                message = "unknown speculative field " + message.removeprefix("Object contains unknown field ")
+            raise ConfigError(message) from None
+
+    @property
+    def threshold(self) -> float:
+        """The draft-confidence cut a block uses: none at a fixed K (exactly K drafts every block)."""
+        return self.acceptance_threshold if self.adaptive_speculation else 0.0
+
+
+class Flag(NamedTuple):
+    """How a config field appears on the command line of `exo` and `exo run`."""
+
+    name: str
+    help: str
+    inverted: bool = False  # a boolean the flag turns off (e.g. --fixed-k sets adaptive_speculation false)
+    metavar: str | None = None
+
+
+# The command-line face of every field, in the order `--help` lists them; a field without an
+# entry here fails tests/test_config.py. The API names a field as the field itself.
+FLAGS: dict[str, Flag] = {
+    "enabled": Flag("--enable-speculative", "draft tokens (see --drafter) and verify them exactly"),
+    "drafter": Flag("--drafter", "what proposes tokens: model (a small draft model), suffix (repeats of the prompt "
+                    "and output, no model), hybrid (the better of the two per block), auto (default: hybrid when "
+                    "a draft model is available, else suffix)"),
+    "draft_model": Flag("--draft-model", "draft model id, directory or .gguf (default: auto, from the draft-pair "
+                        "table)"),
+    "draft_tokens": Flag("--draft-tokens", "draft block size K, the start value when adaptive (default %(default)s)"),
+    "max_speculation_depth": Flag("--max-speculation-depth", "largest K adaptive speculation may choose (default "
+                                  "%(default)s)"),
+    "acceptance_threshold": Flag("--speculative-threshold", "stop drafting a block when the draft's top "
+                                 "probability falls below this (default %(default)s; never changes the output)"),
+    "adaptive_speculation": Flag("--fixed-k", "disable adaptive K: draft exactly --draft-tokens every block (the "
+                                 "confidence threshold is off; only the last block is shorter, capped at the "
+                                 "tokens left)", inverted=True),
+    "pipelined": Flag("--pipelined", "draft block n+1 while block n is verified (overlaps with --placement "
+                      "processes)"),
+    "ring_window": Flag("--ring-window", "with --pipelined on a ring: blocks in flight at once, each betting that "
+                        "the ones before it are accepted entirely; 0 = auto (default: up to one per stage, fewer "
+                        "while whole blocks are seldom accepted), 1 = one block at a time", metavar="W"),
+    "suffix_min_match": Flag("--suffix-min-match", "shortest repeat (tokens) the suffix drafter copies from "
+                             "(default %(default)s)"),
+    "suffix_max_depth": Flag("--suffix-max-depth", "longest block the suffix drafter copies (default %(default)s)"),
+    "draft_vocab": Flag("--draft-vocab", "score only this many of the draft model's most frequent tokens (the "
+                        "lowest BPE ids, plus special tokens); 0 = all (default %(default)s). Cheaper draft steps; "
+                        "never changes the output"),
+}
 
 
 def choose_draft(target: str, requested: str = AUTO) -> str:

@@ -29,8 +29,8 @@ from exo.inference.generate import GenerationParams
 from exo.inference.shard import Shard
 from exo.speculative.adaptive import AdaptiveK
 from exo.speculative.compat import check_tokenizers
-from exo.speculative.config import AUTO, DRAFT_PAIRS, MODEL_DRAFTERS, ConfigError, SpeculativeConfig, choose_draft
-from exo.speculative.drafters import make_proposer
+from exo.speculative.config import AUTO, DRAFT_PAIRS, ConfigError, SpeculativeConfig, choose_draft
+from exo.speculative.drafters import drafter_kind, make_proposer, resolve
 from exo.speculative.events import EventBus
 from exo.speculative.metrics import MetricsSnapshot, SpeculativeMetrics
 from exo.speculative.pipeline.common import Emitted, SpeculativeRequest
@@ -235,21 +235,20 @@ class SpeculativeInferenceEngine(InferenceEngine):
             await self.target.ensure_shard(shard)
         async with self._request_draft(config, shard.model_id) as draft_shard:
             drafter = resolved_drafter(config, draft_shard is not None)
+            if drafter is not None:
+                config = msgspec.structs.replace(config, drafter=drafter)
             cost_key = (config.pipelined, shard.model_id, draft_shard.model_id if draft_shard else "",
                         type(verifier).__name__ if verifier is not None else "local")
             request = SpeculativeRequest(
                 request_id, list(prompt), params,
-                self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids,
-                # A fixed K means K drafts every block: no confidence cut (only the budget caps it).
-                config.acceptance_threshold if config.adaptive_speculation else 0.0,
+                self.target.tokenizer.eos_token_ids if eos_ids is None else eos_ids, config,
                 self._controller(config, cost_key, verifier is None),
                 events=self.events, node_id=self.node_id,
                 shard_label=f"{shard.model_id}:{shard.start_layer}-{shard.end_layer}",
-                overlap_prefill=self.overlap_prefill, ring_window=config.ring_window,
+                overlap_prefill=self.overlap_prefill,
             )
             proposer = None
             if drafter is not None:
-                config = msgspec.structs.replace(config, drafter=drafter)
                 proposer = make_proposer(config, self.draft, draft_shard, request.controller)
             elif config.enabled:
                 request.draft_failed("draft model unavailable")
@@ -313,21 +312,15 @@ class SpeculativeInferenceEngine(InferenceEngine):
 
 
 def wants_draft_model(config: SpeculativeConfig, target_model: str) -> bool:
-    """Whether `config` drafts with a model for `target_model`: "model" and "hybrid" do;
-    "auto" does where a draft is named or the pair table knows one."""
+    """Whether `config` drafts with a model for `target_model`: a named drafter does if the
+    registry says it needs one; "auto" does where a draft is named or the pair table knows one."""
     if config.drafter == AUTO:
         return config.draft_model != AUTO or target_model in DRAFT_PAIRS
-    return config.drafter in MODEL_DRAFTERS
+    return drafter_kind(config.drafter).needs_model
 
 
 def resolved_drafter(config: SpeculativeConfig, have_draft_model: bool) -> str | None:
-    """The drafter to run: "auto" is hybrid with a draft model, the suffix drafter without;
-    a hybrid whose model is unavailable degrades to the suffix drafter, a model drafter to
-    none (plain decoding)."""
-    if not config.enabled:
-        return None
-    if config.drafter == "suffix":
-        return "suffix"
-    if config.drafter in (AUTO, "hybrid"):
-        return "hybrid" if have_draft_model else "suffix"
-    return "model" if have_draft_model else None
+    """The drafter to run, None for plain decoding (see the registry's `resolve`): "auto" is
+    hybrid with a draft model, the suffix drafter without; a hybrid whose model is
+    unavailable degrades to the suffix drafter, a model drafter to none."""
+    return resolve(config.drafter, have_draft_model) if config.enabled else None

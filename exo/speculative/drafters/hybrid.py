@@ -24,10 +24,13 @@ from typing import Callable
 
 import numpy as np
 
+from exo.inference.engine import InferenceEngine
 from exo.inference.generate import GenerationParams
+from exo.inference.shard import Shard
 from exo.speculative.adaptive import PRIOR_DRAFT_SIZE, AdaptiveK, DecayedRate
-from exo.speculative.drafters import DraftBlock
-from exo.speculative.drafters.model import ModelDrafter
+from exo.speculative.config import SpeculativeConfig
+from exo.speculative.drafters.base import DraftBlock, OneRequest
+from exo.speculative.drafters.model import ModelDrafter, build_model
 from exo.speculative.drafters.suffix import SuffixDrafter
 
 RESUMED = -1  # the bucket of copies resumed past a replaced token (see SuffixDrafter)
@@ -65,16 +68,23 @@ class _Candidate:
 
 class HybridDrafter:
     """A `Proposer` choosing per block between a `SuffixDrafter` and a `ModelDrafter`
-    (None: copies or nothing)."""
+    (None: copies or nothing).
+
+    Like every proposer it serves one request, and so do its drafters and `controller` (the
+    request's adaptive K): what it learns and tracks (copy acceptance per match length, the
+    copies still to score, the final and prompt lengths) is that request's alone.
+    """
 
     def __init__(self, model: ModelDrafter | None, suffix: SuffixDrafter, controller: AdaptiveK):
         self.model, self.suffix, self.controller = model, suffix, controller
+        self._serves = OneRequest("hybrid drafter")
         self.copy_acceptance: dict[int, DecayedRate] = {}
         self._pending: list[_Candidate] = []
         self._final = 0  # committed length known to be final
         self._prompt_length = 0
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
+        self._serves.bind(request_id)
         await self.suffix.prefill(request_id, prompt)  # the model's prompt pass waits for its first block
         self._final = self._prompt_length = len(prompt)
 
@@ -87,6 +97,7 @@ class HybridDrafter:
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
                       threshold: float, rng: np.random.Generator,
                       interrupted: Callable[[], bool] = lambda: False, trusted: int = 0) -> DraftBlock:
+        self._serves.bind(request_id)
         self._score(committed)
         copy = self.suffix.draft(request_id, committed, min(k, self.suffix.max_depth))
         bucket = (RESUMED if self.suffix.last_resumed(request_id)
@@ -111,12 +122,14 @@ class HybridDrafter:
         return DraftBlock([], None, len(committed), drafter="none")
 
     def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
+        self._serves.bind(request_id)
         self.suffix.verified(request_id, block, accepted, committed_length)
         if self.model is not None:
             self.model.verified(request_id, block, accepted, committed_length)
         self._final = max(self._final, committed_length)
 
     def accept(self, request_id: str, committed_length: int) -> None:
+        self._serves.bind(request_id)
         self.suffix.accept(request_id, committed_length)
         if self.model is not None:
             self.model.accept(request_id, committed_length)
@@ -125,6 +138,7 @@ class HybridDrafter:
         self._pending = [c for c in self._pending if c.base <= committed_length]
 
     def release(self, request_id: str) -> None:
+        self._serves.check(request_id)
         self.suffix.release(request_id)
         if self.model is not None:
             self.model.release(request_id)
@@ -200,3 +214,16 @@ class HybridDrafter:
             for i in range(min(len(candidate.tokens), kept + 1)):
                 rate.update(i < kept)
         self._pending = still
+
+
+def build_hybrid(config: SpeculativeConfig, engine: InferenceEngine | None, shard: Shard | None,
+                 controller: AdaptiveK) -> HybridDrafter:
+    """The "hybrid" drafter for one request (see `registry`): copies or the draft model, per block."""
+    return HybridDrafter(build_model(config, engine, shard), SuffixDrafter.from_config(config), controller)
+
+
+def build_suffix(config: SpeculativeConfig, engine: InferenceEngine | None, shard: Shard | None,
+                 controller: AdaptiveK) -> HybridDrafter:
+    """The "suffix" drafter for one request: copies alone, under the hybrid's policy of when
+    (and how much of) a copy pays; no model, so `engine` and `shard` are unused."""
+    return HybridDrafter(None, SuffixDrafter.from_config(config), controller)

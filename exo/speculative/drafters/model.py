@@ -12,7 +12,10 @@ from exo.inference.generate import GenerationParams
 from exo.inference.head_rows import HeadRows
 from exo.inference.sampling import sample, warp
 from exo.inference.shard import Shard
-from exo.speculative.drafters import DraftBlock
+from exo.speculative.adaptive import AdaptiveK
+from exo.speculative.config import SpeculativeConfig
+from exo.speculative.drafters.base import DraftBlock, OneRequest
+from exo.speculative.drafters.head import draft_head_rows
 from exo.speculative.kv import rollback_to
 
 # More unseen tokens than this (after copies, or a deferred prompt pass) get a pass of their
@@ -21,7 +24,8 @@ CATCH_UP_AFTER = 8
 
 
 class ModelDrafter:
-    """A `Proposer` backed by a small model on `engine`; its KV cache is the per-request state.
+    """A `Proposer` backed by a small model on `engine`; its KV cache (the engine's, under the
+    request's id) is the state of the one request it serves.
 
     With `head_rows` the draft scores only those vocabulary rows (a cheaper step); its blocks
     carry the restricted distribution it sampled from, so verification stays exact.
@@ -30,6 +34,7 @@ class ModelDrafter:
     def __init__(self, engine: InferenceEngine, shard: Shard, head_rows: HeadRows | None = None):
         self.engine, self.shard, self.head_rows = engine, shard, head_rows
         self._state = last_only() | ({HEAD_ROWS: head_rows} if head_rows is not None else {})
+        self._request = OneRequest("model drafter")
 
     async def _step(self, request_id: str, tokens: list[int]) -> np.ndarray:
         """One draft forward over `tokens`; the logits row of its last position."""
@@ -39,6 +44,7 @@ class ModelDrafter:
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
         """Run the draft over the prompt once, before any block: a block's draft time must be
         its draft steps only, or adaptive K would price every token at the prompt's cost."""
+        self._request.bind(request_id)
         if self.engine.cache_offset(request_id) != 0:
             raise RuntimeError(f"draft cache of {request_id!r} is not empty before its prefill")
         await self._step(request_id, prompt)
@@ -53,6 +59,7 @@ class ModelDrafter:
         has recently been accepted at least that often anyway), or when `interrupted()`
         says a verdict may have made the block moot.
         """
+        self._request.bind(request_id)  # a hybrid defers the prefill: this may be the first call
         held = self.engine.cache_offset(request_id)
         pending = committed[held:]  # tokens this draft has not seen yet (>= 1)
         if not pending:
@@ -95,6 +102,7 @@ class ModelDrafter:
 
     def lag(self, request_id: str, committed_length: int) -> int:
         """Committed tokens the next block would first take in with a catch-up pass (0: none)."""
+        self._request.bind(request_id)
         pending = committed_length - self.engine.cache_offset(request_id)
         return pending - 1 if pending > CATCH_UP_AFTER else 0
 
@@ -103,14 +111,27 @@ class ModelDrafter:
 
     def verified(self, request_id: str, block: DraftBlock, accepted: int, committed_length: int) -> None:
         """Nothing to learn here: adaptive K learns the model's acceptance."""
+        self._request.bind(request_id)
 
     def accept(self, request_id: str, committed_length: int) -> None:
         """Forget drafted tokens past the now-committed prefix."""
+        self._request.bind(request_id)
         held = self.engine.cache_offset(request_id)
         rollback_to(self.engine, request_id, min(held, committed_length))
 
     def release(self, request_id: str) -> None:
+        self._request.check(request_id)
         self.engine.free_cache(request_id)
+
+
+def build_model(config: SpeculativeConfig, engine: InferenceEngine | None, shard: Shard | None,
+                controller: AdaptiveK | None = None) -> ModelDrafter:
+    """The "model" drafter for one request (see `registry`): the draft model alone, through the
+    restricted head `config.draft_vocab` asks for. `controller` is unused: adaptive K drives
+    a model draft from outside."""
+    if engine is None or shard is None:
+        raise ValueError("the model drafter needs a draft model")
+    return ModelDrafter(engine, shard, draft_head_rows(config, engine))
 
 
 def _top_probability(logits: np.ndarray) -> float:

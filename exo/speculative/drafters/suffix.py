@@ -1,6 +1,6 @@
 """A suffix-automaton drafter: propose what followed the longest earlier repeat of the text's end.
 
-Model-free and deterministic: per request, a `SuffixAutomaton` indexes the prompt and
+Model-free and deterministic: for its one request, a `SuffixAutomaton` indexes the prompt and
 then the committed tokens; a block is the tokens that followed the earlier occurrence of
 the longest suffix of the sequence that occurred before, as many as the match length
 earns (`length_rule`), capped by `max_depth` and the caller's `k`. It costs microseconds
@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 from exo.inference.generate import GenerationParams
-from exo.speculative.drafters import DraftBlock
+from exo.speculative.config import SpeculativeConfig
+from exo.speculative.drafters.base import DraftBlock, OneRequest
 from exo.speculative.drafters.suffix_automaton import Cursor, SuffixAutomaton
 
 # The defaults, in one place. Set by `bench/drafters.py`'s replay of the suffix mode's own
@@ -46,6 +47,8 @@ def default_length_rule(match_length: int) -> int:
 
 
 class _Request:
+    """What the drafter holds for its request between prefill and release."""
+
     __slots__ = ("automaton", "tokens", "known", "tail_end", "tail_last", "tail_cursor", "last_match",
                  "last_copy", "last_resumed")
 
@@ -65,7 +68,8 @@ class _Request:
 
 
 class SuffixDrafter:
-    """A `Proposer` drafting from repeats within each request's own sequence."""
+    """A `Proposer` drafting from repeats within its request's own sequence. Released, it may
+    start over under the same id (a prefill again), never another one."""
 
     def __init__(self, min_match: int = DEFAULT_MIN_MATCH,
                  length_rule: Callable[[int], int] = default_length_rule,
@@ -76,13 +80,20 @@ class SuffixDrafter:
             raise ValueError(f"max_depth must be non-negative, got {max_depth}")
         self.min_match, self.length_rule, self.max_depth = min_match, length_rule, max_depth
         self.resync = resync
-        self._requests: dict[str, _Request] = {}
+        self._serves = OneRequest("suffix drafter")
+        self._held: _Request | None = None  # between prefill and release
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig) -> SuffixDrafter:
+        """The drafter with the config's `suffix_min_match` and `suffix_max_depth`."""
+        return cls(min_match=config.suffix_min_match, max_depth=config.suffix_max_depth)
 
     async def prefill(self, request_id: str, prompt: list[int]) -> None:
         """Index the prompt (O(len(prompt)), once)."""
-        if request_id in self._requests:
+        self._serves.bind(request_id)
+        if self._held is not None:
             raise RuntimeError(f"suffix drafter already holds {request_id!r} before its prefill")
-        self._requests[request_id] = _Request(prompt)
+        self._held = _Request(prompt)
 
     async def propose(self, request_id: str, committed: list[int], k: int, params: GenerationParams,
                       threshold: float, rng: np.random.Generator,
@@ -177,7 +188,8 @@ class SuffixDrafter:
         state.tail_end = -1  # what lay past the committed prefix may have been rejected
 
     def release(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+        self._serves.check(request_id)
+        self._held = None
 
     def last_match(self, request_id: str) -> int:
         """The match length behind the request's last proposal (also when it was below
@@ -193,7 +205,7 @@ class SuffixDrafter:
         return len(self._state(request_id).tokens)
 
     def _state(self, request_id: str) -> _Request:
-        state = self._requests.get(request_id)
-        if state is None:
+        if self._held is None:
             raise RuntimeError(f"suffix drafter holds nothing for {request_id!r}: prefill it first")
-        return state
+        self._serves.check(request_id)  # held, so bound by the prefill
+        return self._held

@@ -13,6 +13,7 @@ import numpy as np
 from exo.inference.generate import GenerationParams
 from exo.inference.logprobs import TokenLogprob
 from exo.speculative.adaptive import AdaptiveK
+from exo.speculative.config import SpeculativeConfig
 from exo.speculative.events import (
     BlockVerified, DraftProposed, EventBus, KVRollback, MetricsUpdate, SpeculationFallback,
 )
@@ -39,7 +40,7 @@ class SpeculativeRequest:
     prompt: list[int]
     params: GenerationParams
     eos_ids: frozenset[int]
-    threshold: float
+    config: SpeculativeConfig  # the request's settings (the node's, with its `speculative` object merged in)
     controller: AdaptiveK
     metrics: SpeculativeMetrics = field(default_factory=SpeculativeMetrics)
     finish_reason: str | None = None
@@ -50,7 +51,6 @@ class SpeculativeRequest:
     blocks: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when asked
     overlap_prefill: bool = False  # run the draft's prompt pass alongside the target's
-    ring_window: int = 0  # pipelined: blocks in flight at once (0: auto, see pipeline/window.py)
     draft_prefilled: bool = False
     draft_broken: bool = False
 

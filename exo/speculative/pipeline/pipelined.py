@@ -106,7 +106,7 @@ async def _run(request: SpeculativeRequest, verifier: Verifier, proposer: Propos
         if request.finish_reason is not None:
             return
         proposer = await request.prefill_draft(proposer)
-        window = Window(window_cap(request.ring_window, verifier.stages), request.ring_window == 0,
+        window = Window(window_cap(request.config.ring_window, verifier.stages), request.config.ring_window == 0,
                         list(committed))
         block_send, block_recv = anyio.create_memory_object_stream[DraftBlock](1)
         flight_send, flight_recv = anyio.create_memory_object_stream[Flight](math.inf)  # the window bounds it
@@ -258,10 +258,10 @@ async def _drafter(request: SpeculativeRequest, proposer: Proposer, committed: l
                 started = time.perf_counter()
                 # A verdict that only confirms earlier blocks leaves this one valid; a
                 # divergence makes it moot, so stop drafting it at once.
-                block = await proposer.propose(rid, sequence, k, request.params, request.threshold,
+                block = await proposer.propose(rid, sequence, k, request.params, request.config.threshold,
                                                rngs(start_epoch, len(sequence)),
                                                interrupted=drain,
-                                               trusted=request.controller.trusted_depth(request.threshold))
+                                               trusted=request.controller.trusted_depth(request.config.threshold))
                 block.epoch = start_epoch
                 block.draft_seconds = time.perf_counter() - started
                 times.busy += block.draft_seconds

@@ -41,8 +41,8 @@ async def run_sequential(request: SpeculativeRequest, verifier: Verifier,
         started = time.perf_counter()
         if k:
             try:
-                block = await proposer.propose(rid, committed, k, params, request.threshold, proposal_rng,
-                                               trusted=request.controller.trusted_depth(request.threshold))
+                block = await proposer.propose(rid, committed, k, params, request.config.threshold, proposal_rng,
+                                               trusted=request.controller.trusted_depth(request.config.threshold))
                 request.drafted(block)
             except Exception as exc:
                 log.exception("draft model failed in request %s; continuing with plain decoding", rid)
