@@ -42,7 +42,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import NodeProcess, machine, median, save  # noqa: E402
+from common import NodeProcess, machine, median, pyplot, save, save_figure  # noqa: E402
 
 GREEDY_PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 WORDS = "alpha beta gamma delta river stone cloud paper light window garden number".split()
@@ -225,6 +225,21 @@ def flatness(samples: list[dict]) -> dict:
             "rss_flat": growth <= max(0.15 * rss_warm, 40e6), "fds_flat": fds_last - fds_warm <= 8}
 
 
+def plot(samples: list[dict]) -> None:
+    """Resident memory and open descriptors of the node over the run (bench/results/soak.png)."""
+    plt = pyplot()
+    minutes = [(s["t"] - samples[0]["t"]) / 60 for s in samples]
+    fig, rss_ax = plt.subplots(figsize=(8, 4))
+    rss_ax.plot(minutes, [s["rss"] / 1e6 for s in samples], color="tab:blue")
+    rss_ax.set_xlabel("minutes")
+    rss_ax.set_ylabel("RSS (MB)", color="tab:blue")
+    fds_ax = rss_ax.twinx()
+    fds_ax.plot(minutes, [s["fds"] for s in samples], color="tab:orange")
+    fds_ax.set_ylabel("open file descriptors", color="tab:orange")
+    rss_ax.set_title("exo node under the soak's mixed traffic")
+    save_figure(fig, "soak")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -279,6 +294,7 @@ def main() -> int:
                "passed": all(checks.values()), "failures": tally.failures, "mismatches": tally.mismatches,
                "log": str(node.log_path)}
     save("soak", {"machine": machine(), "summary": summary, "samples": samples})
+    plot(samples)
     print(json.dumps(summary, indent=2))
     return 0 if summary["passed"] else 1
 
