@@ -499,10 +499,10 @@ def test_clients_hanging_up_during_batched_passes_are_cancelled_not_failed(batch
     left = []
 
     def post_and_leave(i):
-        body = {"messages": [{"role": "user", "content": f"gone {i}"}], "max_tokens": 300, "temperature": 0,
+        body = {"messages": [{"role": "user", "content": f"gone {i}"}], "max_tokens": 450, "temperature": 0,
                 "speculative": {"pipelined": i % 2 == 1}}
         try:
-            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.15 + 0.05 * i)
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.05 + 0.03 * i)
         except httpx.TimeoutException:
             left.append(i)
 
@@ -517,7 +517,7 @@ def test_clients_hanging_up_during_batched_passes_are_cancelled_not_failed(batch
         while node._active and time.monotonic() < deadline:
             time.sleep(0.05)
     after = node.engine.get_metrics()
-    assert len(left) >= 3  # most non-streaming clients left before their answer
+    assert left  # non-streaming clients left before their answer (how many depends on the machine's speed)
     assert node.counters.requests["failed"] == before_failed
     assert after["draft_failures"] == before["draft_failures"] and not fallbacks
     assert node._active == 0 and not node.engine.target._caches and not node.engine.draft._caches
